@@ -35,6 +35,7 @@ class JobStats:
     ready: float | None = None  # when every worker had loaded and warmed up its model
     finished: float | None = None
     per_worker: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: {"shards": 0, "tokens": 0, "seconds": 0.0}))
+    workers: list[dict[str, Any]] = field(default_factory=list)  # each actor's info(): worker, device, gpus, ...
 
     def add(self, r: Any) -> None:
         self.done += 1
@@ -66,6 +67,7 @@ class JobStats:
             "padding_efficiency": self.padding_efficiency, "error_rows": self.errors, "seconds": round(e, 3),
             "rows_per_s": self.rows / e if e else None, "tokens_per_s": self.tokens / e if e else None,
             "labels": dict(self.labels.most_common()), "failed": self.failed,
+            "workers": [{**w, **self.per_worker.get(w.get("worker"), {})} for w in self.workers],
             **self._steady(),
         }
 

@@ -155,9 +155,10 @@ def _run_job(plan: JobPlan, run_id: str, progress: Progress) -> JobStats:
         remote = ray.remote(ShardWorker).options(max_concurrency=2, max_restarts=0, **opts)
         slots = [_Slot(remote.remote(cfg)) for _ in range(min(n_workers, len(todo)))]
         try:  # an actor runs no shard before its model is loaded and warm: waiting here costs nothing
-            ray.get([s.actor.info.remote() for s in slots])
+            stats.workers.extend(ray.get([s.actor.info.remote() for s in slots]))
         except (RayActorError, RayTaskError):
             pass  # the dispatch loop below meets the dead actor, replaces it and retries its shards
+        late_infos = []  # info() of replacement actors, collected at the end for the report
         stats.ready = time.monotonic()
         pending = deque(ShardTask(s.shard, s.name, s.fingerprint) for s in todo)
         inflight: dict[Any, tuple[int, int, ShardTask]] = {}
@@ -196,6 +197,7 @@ def _run_job(plan: JobPlan, run_id: str, progress: Progress) -> JobStats:
                             continue
                         ray.kill(slots[i].actor, no_restart=True)
                         slots[i] = _Slot(remote.remote(cfg), gen + 1)
+                        late_infos.append(slots[i].actor.info.remote())
                         Progress.log(f"{j.name}: worker {i} died ({reason}); started a new one")
                     done = _committed(j, task)
                     if done is not None:  # the call had finished before its actor died
@@ -208,6 +210,11 @@ def _run_job(plan: JobPlan, run_id: str, progress: Progress) -> JobStats:
                     else:
                         retry(task, _reason(e))
             progress.update(stats)
+        for ref in late_infos:
+            try:
+                stats.workers.append(ray.get(ref, timeout=10))
+            except Exception:  # noqa: BLE001 - a replacement that died too has no info to report
+                pass
         for slot in slots:
             ray.kill(slot.actor, no_restart=True)
     stats.finished = time.monotonic()

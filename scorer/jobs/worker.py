@@ -36,6 +36,8 @@ __all__ = ["ShardTask", "ShardResult", "ShardInputError", "ShardWorker"]
 
 # Errors that mean "this input cannot be scored as the job says" (not worth a retry).
 _INPUT_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, KeyError)
+# What pyarrow's OSErrors say when a footer is corrupt (most corruption is ArrowInvalid already).
+_FOOTER_ERRORS = ("magic bytes", "deserialize thrift", "file footer", "parquet file size")
 
 
 class ShardInputError(Exception):
@@ -65,6 +67,8 @@ class ShardResult:
     score_seconds: float = 0.0
     labels: dict[str, int] = field(default_factory=dict)
     worker: str = ""
+    started_unix: float = 0.0  # wall clock: the call began (its reader starts at once, before the device lock)
+    committed_unix: float = 0.0  # wall clock: the output file became visible
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ class ShardWorker:
     # -- one shard ----------------------------------------------------------------------------------
     def score_shard(self, task: ShardTask) -> ShardResult:
         t0 = time.perf_counter()
-        res = ShardResult(name=task.name, input=task.shard.uri, worker=self.ident)
+        res = ShardResult(name=task.name, input=task.shard.uri, worker=self.ident, started_unix=time.time())
         chunks: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
         reader = threading.Thread(target=self._read, args=(task.shard, chunks, stop, res), daemon=True)
@@ -155,6 +159,7 @@ class ShardWorker:
                             if v["values"] is not None:
                                 labels[v["values"]] += v["counts"]
             res.bytes = staged.commit()
+            res.committed_unix = time.time()
             staged = None
         except _INPUT_ERRORS as e:
             raise ShardInputError(f"bad input ({type(e).__name__}): {str(e).splitlines()[0] if str(e) else repr(e)}") from None
@@ -206,7 +211,9 @@ class ShardWorker:
         try:
             in_schema = lake.read_schema(shard, self.cfg.input)
         except OSError as e:
-            if "magic" in str(e).lower() or "parquet" in str(e).lower():
+            # a footer that does not parse is bad input; any other I/O error (a vanished file, a dropped S3
+            # connection: their messages name the .parquet path too) is worth a retry
+            if any(k in str(e).lower() for k in _FOOTER_ERRORS):
                 raise pa.ArrowInvalid(str(e)) from None
             raise
         missing = [c for c in self.cfg.keep if c not in in_schema.names]
@@ -239,5 +246,6 @@ class ShardWorker:
             "errors": res.errors, "bytes": res.bytes, "seconds": round(res.seconds, 4),
             "score_seconds": round(res.score_seconds, 4), "labels": res.labels, "run_id": self.cfg.run_id,
             "job": self.cfg.job_name, "worker": self.ident, "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "started_unix": round(res.started_unix, 6), "committed_unix": round(res.committed_unix, 6),
             "scorer_version": __version__,
         }

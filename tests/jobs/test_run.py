@@ -82,6 +82,17 @@ def test_end_to_end_local(ray_cluster, tiny_model, tmp_path, capsys):
     assert (part / "_SUCCESS").exists() and report["partition"]["rows"] == sum(t.num_rows for t in tables)
     assert report["this_run"]["shards"]["committed_this_run"] == 4
     assert not (part / lake.TMP_DIR).exists()
+    # one actor per (fake) GPU, each with its own CUDA_VISIBLE_DEVICES, scoring on the CPU (device auto)
+    workers = report["this_run"]["workers"]
+    assert sorted(w["gpus"] for w in workers) == ["0", "1"] and {w["device"] for w in workers} == {"cpu"}
+    assert [w["shards"] for w in workers] == [2, 2]  # two shards in flight per actor from the start
+    # ... and an actor's second shard started (its reader thread with it) before its first was committed
+    by_worker: dict[str, list[dict]] = {}
+    for e in _manifest(part).values():
+        by_worker.setdefault(e["worker"], []).append(e)
+    assert sorted(len(v) for v in by_worker.values()) == [2, 2]
+    for first, second in (sorted(v, key=lambda e: e["committed_unix"]) for v in by_worker.values()):
+        assert second["started_unix"] < first["committed_unix"], (first, second)
     # the second job: template text, filter, label + embedding (float16, 16 dims) from one pass
     both = _by_input(tmp_path / "out" / "both" / f"dt={DATE}")
     for i, t_in in enumerate(tables):
@@ -90,14 +101,30 @@ def test_end_to_end_local(ray_cluster, tiny_model, tmp_path, capsys):
         assert out["id"].to_pylist() == en["id"].to_pylist()
         assert out.schema.field("embedding").type == pa.list_(pa.float16(), 16)
         assert out.column_names[:3] == ["id", "lang", "n"] and "label" in out.column_names
+    both_workers = json.loads((tmp_path / "out" / "both" / f"dt={DATE}" / "_report.json").read_text())["this_run"]["workers"]
+    assert sorted(w["gpus"] for w in both_workers) == ["0", "1"]  # runtime.workers unset: one actor per GPU
     summary = capsys.readouterr().out
     assert "clf" in summary and "both" in summary and "label_" in summary
     assert run_cli(f, date=DATE, dry_run=True) == 0
     assert "0 to do, 4 to skip" in capsys.readouterr().out
-    # a rerun commits nothing: every shard is in the manifest with the same fingerprint
+    # the fingerprint holds what changes scores, not what changes speed
+    assert run_cli(f, date=DATE, jobs=["clf"], dry_run=True, sets=["batching.max_rows=3", "runtime.workers=1"]) == 0
+    assert "0 to do, 4 to skip" in capsys.readouterr().out
+    assert run_cli(f, date=DATE, jobs=["clf"], dry_run=True, sets=["batching.max_length=16"]) == 0
+    assert "4 to do, 0 to skip" in capsys.readouterr().out
+    # a rerun commits nothing: every shard is in the manifest with the same fingerprint; it cleans what a
+    # killed run left: a staging file in the partition and a spool file of a dead process
     before = _manifest(part)
+    stale = part / lake.TMP_DIR / "4242.0123456789ab.part-000-x.parquet"
+    stale.parent.mkdir()
+    stale.write_bytes(b"PAR1 half a file")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    spool = lake._spool_dir() / f"{dead.pid}.0123456789ab.parquet"
+    spool.write_bytes(b"PAR1 half an upload")
     assert run_cli(f, date=DATE, jobs=["clf"]) == 0
     assert _manifest(part) == before
+    assert not stale.exists() and not stale.parent.exists() and not spool.exists()
     # --force redoes every shard, with the same results
     assert run_cli(f, date=DATE, jobs=["clf"], force=True) == 0
     after = _manifest(part)
@@ -108,10 +135,12 @@ def test_end_to_end_local(ray_cluster, tiny_model, tmp_path, capsys):
 
 
 def test_corrupt_and_wrong_type_shards_fail_alone(ray_cluster, tiny_model, tmp_path, capsys):
-    write_shards(tmp_path / "in", [12, 9, 11, 8])
+    write_shards(tmp_path / "in", [12, 9, 11, 8, 7])
     (tmp_path / "in" / "part-000.parquet").write_bytes(b"PAR1 this is not parquet at all")  # the first: validation reads the next
     bad = pq.read_table(tmp_path / "in" / "part-003.parquet").set_column(2, "text", pa.array(range(8), pa.int64()))
     pq.write_table(bad, tmp_path / "in" / "part-003.parquet")
+    pq.write_table(pq.read_table(tmp_path / "in" / "part-004.parquet").drop_columns(["lang"]),  # a passthrough column
+                   tmp_path / "in" / "part-004.parquet")
     f = write_jobs(tmp_path / "jobs.yaml", {"a": job(tiny_model, "in", "out", runtime={"workers": 1, "max_attempts": 2})})
     assert run_cli(f, date=DATE, progress_interval=0.5) == 3
     part = tmp_path / "out" / f"dt={DATE}"
@@ -120,11 +149,31 @@ def test_corrupt_and_wrong_type_shards_fail_alone(ray_cluster, tiny_model, tmp_p
     out, err = capsys.readouterr()
     assert "FAILED a: " + str(tmp_path / "in" / "part-000.parquet") in out
     assert "FAILED a: " + str(tmp_path / "in" / "part-003.parquet") in out and "not a string" in out
+    assert "FAILED a: " + str(tmp_path / "in" / "part-004.parquet") + ": bad input (KeyError): " in out and "lang" in out
     assert "retrying" not in err  # bad input is not retried
     # fix the shards: the rerun scores only them, then the partition is complete
-    write_shards(tmp_path / "in", [12, 9, 11, 8])
+    write_shards(tmp_path / "in", [12, 9, 11, 8, 7])
     assert run_cli(f, date=DATE) == 0
-    assert len(_by_input(part)) == 4 and (part / "_SUCCESS").exists()
+    assert len(_by_input(part)) == 5 and (part / "_SUCCESS").exists()
+
+
+def test_shard_that_keeps_failing_is_retried_then_reported(ray_cluster, tiny_model, tmp_path):
+    """An I/O error is not bad input: the shard is tried runtime.max_attempts times, then reported failed."""
+    from scorer.jobs.plan import plan_job
+    from scorer.jobs.runner import run_jobs
+    from scorer.jobs.spec import load_and_check
+
+    write_shards(tmp_path / "in", [10, 10])
+    f = write_jobs(tmp_path / "jobs.yaml", {"a": job(tiny_model, "in", "out", runtime={"workers": 1, "max_attempts": 3})})
+    [j] = load_and_check(f, date=DATE)
+    plan = plan_job(j)
+    gone = tmp_path / "in" / "part-001.parquet"
+    gone.unlink()  # vanished between the plan and the read (FileNotFoundError names a .parquet path)
+    [stats] = run_jobs([plan])
+    assert stats.done == 1 and stats.retries == 2, stats
+    assert list(stats.failed) == [str(gone)] and "FileNotFoundError" in stats.failed[str(gone)]
+    part = tmp_path / "out" / f"dt={DATE}"
+    assert len(_manifest(part)) == 1 and not (part / "_SUCCESS").exists() and not (part / "_report.json").exists()
 
 
 def _kill_first_busy_worker(stop: threading.Event, killed: list[int]) -> None:
