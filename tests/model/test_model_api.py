@@ -80,6 +80,13 @@ def test_multilabel_threshold_and_regression_columns(make_dir):
     assert t.schema.names == ["labels", "probs", "logits", "n_tokens", "truncated", "error"]
     assert t["labels"].to_pylist() == [[f"label_{c}" for c in "abcde"], None]
     assert t.schema.field("probs").type == pa.list_(pa.float32())
+    assert t["probs"][1].as_py() is None and t["logits"][1].as_py() is None
+    # a threshold equal to the third-largest probability: exactly the three labels at or above it
+    probs = np.array(t["probs"][0].as_py(), dtype=np.float32)
+    thr = float(np.sort(probs)[-3])
+    mid = Scorer.from_pretrained(ml.cfg.path, device="cpu", threshold=thr).score(["fox"])
+    assert mid["labels"][0].as_py() == [f"label_{'abcde'[j]}" for j in np.flatnonzero(probs >= thr)]
+    assert len(mid["labels"][0].as_py()) == 3
     reg = Scorer.from_pretrained(make_dir(num_labels=1), device="cpu")
     t = reg.score(["fox", ""])
     assert t.schema.names == ["score", "n_tokens", "truncated", "error"]

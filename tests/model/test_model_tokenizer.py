@@ -58,3 +58,25 @@ def test_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path, 2)
     with pytest.raises(ValueError, match="no room"):
         TextEncoder(tmp_path, 2)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("kw", [dict(), dict(eos=True, pad_token_id=2)], ids=["bos", "bos+eos"])
+def test_scorer_counts_and_scores_follow_transformers_tokenizer(make_dir, hf, side, kw):
+    """Through the Scorer: n_tokens and truncated equal transformers' tokenizer with truncation=True,
+    and the truncated row scores like transformers' model on transformers' truncated ids."""
+    import numpy as np
+
+    from scorer.api import Scorer
+
+    path = make_dir(**kw)
+    texts = TEXTS + [LONG]
+    s = Scorer.from_pretrained(path, device="cpu", max_length=12, truncation_side=side, return_logits=True)
+    t = s.score(texts)
+    ref = hf.tokenizer(path, truncation_side=side)
+    want = [ref(x, truncation=True, max_length=12)["input_ids"] for x in texts]
+    assert t["n_tokens"].to_pylist() == [len(w) for w in want]
+    assert t["truncated"].to_pylist() == [len(ref(x)["input_ids"]) > 12 for x in texts]
+    assert 0 < sum(t["truncated"].to_pylist()) < len(texts)
+    for i, lg in enumerate(hf.classify_logits(path, want)):
+        np.testing.assert_allclose(t["logits"][i].as_py(), lg.numpy(), atol=1e-5, rtol=0)
