@@ -102,6 +102,7 @@ class Progress:
             self._tasks = {"job": self._rich.add_task(f"{s.name} shards", total=todo, info="")}
         else:
             self.log(f"{s.name}: {todo} shard(s) to score, {s.skipped} already committed")
+            self._last = time.monotonic()  # the next line comes `interval` seconds after this one
 
     def update(self, s: JobStats, force: bool = False) -> None:
         now = time.monotonic()

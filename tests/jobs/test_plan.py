@@ -1,0 +1,80 @@
+"""Plans: a shard is skipped only when the manifest holds its fingerprint and its file has the recorded size;
+the fingerprint changes with the input file, the model and every setting that changes scores, not with speed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import job, shard_table, write_jobs, write_shards
+from scorer.jobs import lake
+from scorer.jobs.plan import plan_job
+from scorer.jobs.spec import load_and_check
+
+DATE = "2026-11-23"
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_model):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    write_shards(tmp_path / "in", [5, 6])
+    f = write_jobs(tmp_path / "jobs.yaml", {"a": job(model, "in", "out")})
+
+    def plan(*sets: str, force: bool = False):
+        [j] = load_and_check(f, date=DATE, sets=list(sets))
+        return plan_job(j, force=force)
+
+    p = plan()
+    assert [s.done for s in p.shards] == [False, False]
+    for s in p.shards:  # commit both as a worker does: the file, then its manifest entry
+        lake.put_bytes(p.job.partition.child(s.name), b"x" * 10)
+        lake.write_manifest_entry(p.job.partition, s.name, {"fingerprint": s.fingerprint, "bytes": 10, "rows": 5})
+    return tmp_path, model, p, plan
+
+
+def test_same_fingerprint_skips_and_force_redoes(setup):
+    _, _, p, plan = setup
+    again = plan()
+    assert [s.done for s in again.shards] == [True, True] and [s.rows for s in again.shards] == [5, 5]
+    assert [s.fingerprint for s in again.shards] == [s.fingerprint for s in p.shards]
+    assert not any(s.done for s in plan(force=True).shards)
+
+
+def test_speed_settings_do_not_change_the_fingerprint(setup):
+    _, _, _, plan = setup
+    sets = ["batching.max_rows=2", "batching.max_batch_tokens=64", "batching.chunk_rows=3", "runtime.workers=3",
+            "runtime.shards_in_flight=1", "runtime.max_attempts=1", "runtime.device=cpu", "runtime.cpus_per_worker=2"]
+    assert all(s.done for s in plan(*sets).shards)
+
+
+@pytest.mark.parametrize("change", [
+    "text={title}", "filter=n > 1", "id=[id, n]", "passthrough=[]", "task=both", "batching.max_length=16",
+    "batching.truncation_side=left", "runtime.dtype=float16", "labels.threshold=0.3", "labels.return_logits=true",
+    "labels.embedding_dtype=float16", "labels.dimensions=8", "labels.pooling=mean", "labels.normalize=false",
+    "output.compression=snappy",
+])
+def test_score_settings_change_the_fingerprint(setup, change):
+    _, _, _, plan = setup
+    assert not any(s.done for s in plan(change).shards), change
+
+
+def test_input_model_and_output_file_changes(setup):
+    tmp_path, model, p, plan = setup
+    pq.write_table(shard_table(1, 7), tmp_path / "in" / "part-001.parquet")  # a rewritten input shard
+    assert [s.done for s in plan().shards] == [True, False]
+    pq.write_table(shard_table(1, 6), tmp_path / "in" / "part-001.parquet")
+    names = [s.name for s in p.shards]
+    lake.put_bytes(p.job.partition.child(names[0]), b"x" * 11)  # an output file that is not what was recorded
+    assert not plan().shards[0].done
+    lake.remove(p.job.partition.child(names[0]))  # or is gone
+    assert not plan().shards[0].done
+    lake.put_bytes(p.job.partition.child(names[0]), b"x" * 10)
+    assert plan().shards[0].done
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["id2label"] = {k: f"renamed_{v}" for k, v in cfg["id2label"].items()}  # the model's labels changed
+    (model / "config.json").write_text(json.dumps(cfg))
+    assert not any(s.done for s in plan().shards)
