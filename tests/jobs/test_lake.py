@@ -68,7 +68,9 @@ def test_staged_commit_is_atomic_and_stale_files_are_cleaned(tmp_path):
     size = st.commit()
     assert pq.read_table(dest.path).equals(t) and size == os.path.getsize(dest.path)
     st = lake.StagedParquet(part.child("b.parquet"), t.schema)
-    st.write(t)
+    st.write(t)  # a first row group is on disk ...
+    with pytest.raises(ValueError):
+        st.write(pa.table({"other": [1]}))  # ... then the writer fails
     st.abort()
     assert not os.path.exists(part.child("b.parquet").path) and lake.list_files(part.child(lake.TMP_DIR)) == {}
     # a killed run leaves a staging file: the next run's clean_stale removes it
@@ -107,9 +109,26 @@ def test_s3_round_trip(s3):
     assert lake.read_manifest(part)["a.parquet"]["bytes"] == size
     lake.write_marker(part, "_SUCCESS")
     assert "_SUCCESS" in lake.list_files(part)
-    # a failing writer leaves no object behind (the upload only starts with a complete file)
+    # a writer that fails after some row groups leaves no object behind: pyarrow would complete an upload
+    # from a failing `with fs.open_output_stream()`, so the upload starts only with a complete local file
     st = lake.StagedParquet(part.child("b.parquet"), t.schema)
+    st.write(t)
     with pytest.raises(ValueError):
         st.write(pa.table({"other": [1]}))
     st.abort()
-    assert "b.parquet" not in lake.list_files(part)
+    assert "b.parquet" not in lake.list_files(part) and not os.path.exists(st.stage)
+    # an upload that fails (refused: unsigned) raises, and leaves neither an object nor its spool file
+    anon = lake.StorageOptions(endpoint=s3, region="us-east-1", anonymous=True)
+    st = lake.StagedParquet(lake.resolve(part.child("c.parquet").uri, anon), t.schema)
+    st.write(t)
+    with pytest.raises(OSError):
+        st.commit()
+    assert "c.parquet" not in lake.list_files(part) and not os.path.exists(st.stage)
+    # an object above pyarrow's single-PUT size (a multipart upload) is complete when commit returns
+    big = pa.table({"blob": pa.array([os.urandom(1 << 20) for _ in range(12)], pa.binary())})
+    st = lake.StagedParquet(part.child("big.parquet"), big.schema, compression="none")
+    st.write(big)
+    size = st.commit()
+    assert size > 12 << 20 and lake.list_files(part)["big.parquet"] == size
+    with fs.open_input_file(part.child("big.parquet").path) as f:
+        assert pq.read_table(f).equals(big)

@@ -255,7 +255,9 @@ def test_driver_killed_then_rerun(ray_cluster, tiny_model, tmp_path):
         assert got[name].replace_schema_metadata(None).equals(t.replace_schema_metadata(None)), name
 
 
-def test_s3_end_to_end(ray_cluster, s3, tiny_model, tmp_path):
+def test_s3_end_to_end(ray_cluster, s3, tiny_model, tmp_path, capfd):
+    from conftest import S3_ENV
+
     opts = lake.StorageOptions(endpoint=s3, region="us-east-1")
     fs = lake.resolve("s3://lake", opts).fs
     tables = write_shards("lake/e2e/dt=2026-11-22", [14, 0, 9], fs=fs)
@@ -283,6 +285,14 @@ def test_s3_end_to_end(ray_cluster, s3, tiny_model, tmp_path):
     assert len(lake.read_manifest(part)) == 3
     code = run_cli(f, date=DATE)  # everything committed: nothing to do, no Ray work
     assert code == 0
+    # the keys came from the environment; nothing the run printed or wrote holds them
+    written = b"".join(lake.get_bytes(part.child(n)) for n in files if not n.endswith(".parquet"))
+    written += b"".join(json.dumps(e).encode() for e in lake.read_manifest(part).values())
+    written += b"".join(json.dumps({k.decode(): v.decode() for k, v in t.schema.metadata.items()}).encode() for t in outs.values())
+    printed = "".join(capfd.readouterr())
+    assert "scorer run" in printed and "3 shard(s) to score" in printed  # summary and progress were captured
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert S3_ENV[key] not in printed and S3_ENV[key].encode() not in written
 
 
 def test_dry_run_prints_the_plan(ray_cluster, tiny_model, tmp_path):

@@ -46,6 +46,22 @@ def test_valid_file_and_summary(lake, tiny_model):
     assert code == 0 and "ok: a" not in out
 
 
+def test_date_in_input_and_output_and_id_columns(tmp_path, tiny_model):
+    write_shards(tmp_path / "in" / "dt=2026-01-02", [3])
+    write_shards(tmp_path / "in" / "dt=2026-01-03", [4, 5])
+    spec = job(tiny_model, "in/dt={date}", "out/{date}", id=["id", "n"], passthrough=[])
+    spec["output"]["partition"] = "scored={date}/v=1"
+    f = write_jobs(tmp_path / "jobs.yaml", {"a": spec})
+    [j] = load_and_check(f, date="2026-01-03")
+    assert j.input.path == str(tmp_path / "in" / "dt=2026-01-03") and len(j.shards) == 2
+    assert j.partition.path == str(tmp_path / "out" / "2026-01-03" / "scored=2026-01-03" / "v=1")
+    assert j.job.id == ["id", "n"] and j.read_columns == ["id", "n", "text"]
+    [j] = load_and_check(f, date="2026-01-02")
+    assert len(j.shards) == 1
+    code, out = validate(str(f), "--date", "2026-01-04")
+    assert code == 2 and "no Parquet files at " + str(tmp_path / "in" / "dt=2026-01-04") in one_error(out)
+
+
 def test_relative_paths_follow_the_jobs_file(lake, tiny_model, monkeypatch):
     f = write_jobs(lake / "jobs.yaml", {"a": job(tiny_model, "in", "out")})
     monkeypatch.chdir("/")
@@ -114,7 +130,14 @@ def test_lake_checks(lake, tiny_model, override, field, words):
     code, out = validate(str(f))
     assert code == 2, out
     msg = one_error(out)
-    assert f"{f}:" in msg and field in msg and words in msg, msg
+    assert msg.startswith(f"error: {f}:{_line_of(f, field)}: {field}: "), msg  # the line of the field at fault
+    assert words in msg, msg
+
+
+def _line_of(f: Path, field: str) -> int:
+    """1-based line of the last key of a dotted field in a jobs.yaml written by write_jobs."""
+    key = field.rsplit(".", 1)[-1] + ":"
+    return 1 + next(i for i, ln in enumerate(f.read_text().splitlines()) if ln.strip().startswith(key))
 
 
 def test_model_that_does_not_load(lake, tiny_model):
@@ -123,7 +146,8 @@ def test_model_that_does_not_load(lake, tiny_model):
     (broken / "config.json").write_text('{"architectures": ["GPT2Model"], "model_type": "gpt2"}')
     f = write_jobs(lake / "jobs.yaml", {"a": job(broken, "in", "out")})
     code, out = validate(str(f))
-    assert code == 2 and "does not load" in one_error(out) and "jobs.a.model" in out
+    assert code == 2 and "does not load" in one_error(out)
+    assert one_error(out).startswith(f"error: {f}:{_line_of(f, 'model')}: jobs.a.model: "), out
     (broken / "config.json").write_text((tiny_model / "config.json").read_text())
     (broken / "tokenizer.json").write_text("{not json")
     code, out = validate(str(f))
@@ -198,3 +222,33 @@ def test_repository_jobs_yaml_validates(tmp_path, tiny_model):
         pytest.skip("demo data not built yet")
     code, out = validate(str(REPO / "jobs.yaml"), "--set", f"model={tiny_model}")
     assert code == 0, out
+
+
+def test_s3_storage_options_and_credentials_never_printed(s3, tiny_model, tmp_path, monkeypatch, capfd):
+    """endpoint / region / anonymous reach the S3 client; keys come from the environment and are never shown."""
+    from conftest import S3_ENV
+    from scorer.jobs import lake as lk
+
+    fs = lk.resolve("s3://lake", lk.StorageOptions(endpoint=s3, region="us-east-1")).fs
+    write_shards("lake/spec-test/in/dt=2026-11-23", [3, 4], fs=fs)
+
+    def jobs_file(name: str, **storage) -> Path:
+        spec = job(tiny_model, "s3://lake/spec-test/in/dt={date}", "s3://scored/spec-test", storage=storage)
+        return write_jobs(tmp_path / name, {"a": spec})
+
+    monkeypatch.setenv("TEST_S3", s3)
+    code, out = validate(str(jobs_file("ok.yaml", endpoint="${TEST_S3}", region="us-east-1")), "--date", "2026-11-23")
+    assert code == 0 and "2 shard(s) at s3://lake/spec-test/in/dt=2026-11-23" in out, out
+    # anonymous requests: the server wants signed ones, so the input cannot be listed
+    f = jobs_file("anon.yaml", endpoint=s3, anonymous=True)
+    code, out = validate(str(f), "--date", "2026-11-23")
+    msg = one_error(out)
+    assert code == 2 and msg.startswith(f"error: {f}:{_line_of(f, 'input')}: jobs.a.input: cannot list"), msg
+    # a wrong secret in the environment (a new endpoint spelling: a new client reads it): exit 2, never echoed
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-0xdeadbeef")
+    code, out = validate(str(jobs_file("bad.yaml", endpoint=s3 + "/", region="us-east-1")), "--date", "2026-11-23")
+    assert code == 2 and "jobs.a.input: cannot list" in one_error(out), out
+    printed = out + "".join(capfd.readouterr())
+    for secret in (*S3_ENV.values(), "wrong-secret-0xdeadbeef"):
+        if secret != "true":
+            assert secret not in printed
