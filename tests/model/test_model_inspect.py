@@ -63,3 +63,31 @@ def test_inspect_errors_name_the_file(tmp_path, make_dir):
     (path / "config.json").write_text(json.dumps(c))
     r = runner.invoke(app, ["inspect", str(path)])
     assert r.exit_code == 2 and "model.safetensors" in r.output
+
+
+def test_help_lists_every_command():
+    r = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    for cmd in ("run", "validate", "inspect", "quantize", "bench"):
+        assert f" {cmd} " in r.output, cmd
+
+
+def test_inspect_committed_demo_gptq_model():
+    """The committed 4-bit demo checkpoint: what scorer sees agrees with the training script's metrics."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    metrics = json.loads((repo / "examples/models/debian-section-fp16/metrics.json").read_text())
+    r = runner.invoke(app, ["inspect", str(repo / "examples/models/debian-section-gptq-4bit")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    for want in (f"{metrics['parameters']:,}", "GPTQ 4-bit, group 128, act-order yes", "4 / 2 / 32",
+                 ", ".join(sorted(metrics["per_class"])), "BOS added", "pad id"):
+        assert want in r.output, want
+
+
+def test_inspect_shows_rope_scaling(make_dir):
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}
+    r = runner.invoke(app, ["inspect", str(make_dir(rope_scaling=llama3, rope_theta=500000.0))], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "theta 500000, llama3 x8" in r.output
