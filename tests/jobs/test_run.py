@@ -134,6 +134,58 @@ def test_end_to_end_local(ray_cluster, tiny_model, tmp_path, capsys):
         assert again[k].drop_columns([]).select(["id", "label", "n_tokens"]).equals(t.select(["id", "label", "n_tokens"]))
 
 
+def test_job_options_reach_the_output(ray_cluster, tiny_model, tmp_path):
+    """id lists, batching (max_length, truncation side), runtime (cpu, dtype), labels (logits, multi-label
+    threshold, embedding dimensions / pooling / normalize), compression: each equals the Python API's result."""
+    from scorer.api import Scorer
+    from tiny import make_model
+
+    multi = make_model(tmp_path / "multi", problem_type="multi_label_classification", num_labels=4,
+                       max_position_embeddings=256, seed=3)
+    tables = write_shards(tmp_path / "in", [13, 11])
+    texts = pa.concat_tables(tables)["text"].to_pylist()
+    probs = sorted(p for row in Scorer.from_pretrained(multi, device="cpu").score(texts)["probs"].to_pylist() if row for p in row)
+    threshold = round((probs[len(probs) // 2 - 1] + probs[len(probs) // 2]) / 2, 7)  # splits the labels
+    cpu = {"device": "cpu", "workers": 1}
+    f = write_jobs(tmp_path / "jobs.yaml", {
+        "clf": {**job(tiny_model, "in", "out/clf", id=["id", "n"], passthrough=[], runtime={**cpu, "dtype": "float32"},
+                      batching={"max_length": 8, "truncation_side": "left", "max_batch_tokens": 64, "max_rows": 4},
+                      labels={"return_logits": True}),
+                "output": {"uri": "out/clf", "partition": "dt={date}", "compression": "snappy"}},
+        "emb": job(tiny_model, "in", "out/emb", task="embed", runtime=cpu,
+                   labels={"dimensions": 8, "pooling": "mean", "normalize": False}),
+        "multi": job(multi, "in", "out/multi", runtime=cpu, labels={"threshold": threshold}),
+    })
+    assert run_cli(f, date=DATE) == 0
+    refs = {
+        "clf": Scorer.from_pretrained(tiny_model, task="classify", device="cpu", dtype="float32", max_length=8,
+                                      truncation_side="left", return_logits=True),
+        "emb": Scorer.from_pretrained(tiny_model, task="embed", device="cpu", pooling="mean", normalize=False, dimensions=8),
+        "multi": Scorer.from_pretrained(multi, device="cpu", threshold=threshold),
+    }
+    for name, ref in refs.items():
+        outs = _by_input(tmp_path / "out" / name / f"dt={DATE}")
+        got = pa.concat_tables([outs["part-000.parquet"], outs["part-001.parquet"]])
+        want = ref.score(texts)
+        assert got.column_names == (["id", "n"] if name == "clf" else ["id", "lang"]) + want.column_names, name
+        for c in want.column_names:
+            g, w = got[c].to_pylist(), want[c].to_pylist()
+            if c in ("probs", "logits", "embedding", "score"):
+                for a, b in zip(g, w):
+                    assert (a is None) == (b is None) and (a is None or np.allclose(a, b, atol=1e-5)), (name, c)
+            else:
+                assert g == w, (name, c)
+    clf = _by_input(tmp_path / "out" / "clf" / f"dt={DATE}")["part-000.parquet"]
+    assert any(clf["truncated"].to_pylist()) and max(clf["n_tokens"].to_pylist()) == 8
+    multi_out = pa.concat_tables(_by_input(tmp_path / "out" / "multi" / f"dt={DATE}").values())
+    assert len({tuple(x) for x in multi_out["labels"].to_pylist() if x is not None}) > 2  # the threshold splits them
+    emb = _by_input(tmp_path / "out" / "emb" / f"dt={DATE}")["part-000.parquet"]
+    assert emb.schema.field("embedding").type == pa.list_(pa.float32(), 8)
+    assert not np.allclose(np.linalg.norm([e for e in emb["embedding"].to_pylist() if e], axis=1), 1.0)
+    files = sorted((tmp_path / "out" / "clf" / f"dt={DATE}").glob("*.parquet"))
+    assert {pq.ParquetFile(p).metadata.row_group(0).column(0).compression for p in files} == {"SNAPPY"}
+
+
 def test_corrupt_and_wrong_type_shards_fail_alone(ray_cluster, tiny_model, tmp_path, capsys):
     write_shards(tmp_path / "in", [12, 9, 11, 8, 7])
     (tmp_path / "in" / "part-000.parquet").write_bytes(b"PAR1 this is not parquet at all")  # the first: validation reads the next
