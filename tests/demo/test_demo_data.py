@@ -77,14 +77,14 @@ def test_model_directory(config, metrics):
     assert metrics["heldout_accuracy"] >= 0.75 > 3 * metrics["majority_class_baseline"]
 
 
-def test_fp16_heldout_accuracy_matches_metrics(table, config, metrics):
-    """Score the whole held-out split (~860 rows, a few seconds) through transformers in fp32 compute."""
+@pytest.fixture(scope="module")
+def fp16_predictions(table, config, metrics):
+    """Held-out rows and the fp16 model's labels through transformers (fp32 compute, ~860 rows, seconds)."""
     import torch
     import transformers
 
     torch.set_num_threads(2)
     test = [r for r in table.select(["id", "text", "section", "split"]).to_pylist() if r["split"] == "test"]
-    assert len(test) == metrics["heldout_rows"]
     tok = transformers.AutoTokenizer.from_pretrained(FP16)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(FP16, dtype=torch.float32).eval()
     assert tok.pad_token_id == config["pad_token_id"]
@@ -100,14 +100,25 @@ def test_fp16_heldout_accuracy_matches_metrics(table, config, metrics):
             logits = model(**batch).logits
             for i, p in zip(idx, logits.argmax(-1).tolist()):
                 pred[i] = config["id2label"][str(p)]
+    return test, pred
+
+
+def test_fp16_heldout_accuracy_matches_metrics(fp16_predictions, metrics):
+    test, pred = fp16_predictions
+    assert len(test) == metrics["heldout_rows"]
     acc = sum(p == r["section"] for p, r in zip(pred, test)) / len(test)
     assert acc == pytest.approx(metrics["heldout_accuracy"], abs=0.01)
+    for name, c in metrics["per_class"].items():
+        rows = [(p, r) for p, r in zip(pred, test) if r["section"] == name]
+        assert len(rows) == c["test"], name
+        assert sum(p == r["section"] for p, r in rows) / len(rows) == pytest.approx(c["test_accuracy"], abs=0.03), name
 
 
 @pytest.mark.slow
-def test_gptq_4bit_heldout_accuracy_matches_metrics(table, metrics):
+def test_gptq_4bit_heldout_accuracy_matches_metrics(fp16_predictions, metrics):
     """The committed 4-bit model through scorer's own loader and Int4Linear path (CPU, fp32 compute);
-    ~10 s on 2 idle cores for the whole held-out split."""
+    ~10 s on 2 idle cores for the whole held-out split. Accuracy and label agreement with the fp16 model
+    (through transformers) equal what the training script reported, within 1%."""
     import torch
 
     from scorer import Scorer
@@ -116,9 +127,45 @@ def test_gptq_4bit_heldout_accuracy_matches_metrics(table, metrics):
     q = metrics["gptq_4bit"]
     gptq = REPO / "examples/models/debian-section-gptq-4bit"
     assert q["status"] == "evaluated" and json.loads((gptq / "config.json").read_text())["quantization_config"]["bits"] == 4
-    test = [r for r in table.select(["text", "section", "split"]).to_pylist() if r["split"] == "test"]
+    test, fp16 = fp16_predictions
     sc = Scorer.from_pretrained(gptq, device="cpu", dtype="float32", max_length=metrics["max_length"])
     labels = sc.score([r["text"] for r in test]).column("label").to_pylist()
     acc = sum(a == r["section"] for a, r in zip(labels, test)) / len(test)
     assert acc == pytest.approx(q["heldout_accuracy"], abs=0.01)
     assert acc >= metrics["heldout_accuracy"] - 0.02
+    agree = sum(a == b for a, b in zip(labels, fp16)) / len(test)
+    assert agree == pytest.approx(q["agreement_with_fp16"], abs=0.01)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def test_examples_readme_states_the_metrics(table, metrics):
+    """examples/README.md's figures are the ones in metrics.json and in the data, not stale copies."""
+    import re
+
+    text = (REPO / "examples/README.md").read_text()
+    q = metrics["gptq_4bit"]
+    assert f"| **fp16** (`debian-section-fp16`) | **{_pct(metrics['heldout_accuracy'])}** |" in text
+    assert f"| fp32, in memory after training | {_pct(metrics['heldout_accuracy_fp32_before_save'])} |" in text
+    assert (f"| **4-bit GPTQ** (`debian-section-gptq-4bit`) | **{_pct(q['heldout_accuracy'])}** | "
+            f"**{_pct(q['agreement_with_fp16'])}**") in text
+    assert f"| fp16 through `scorer` | {_pct(q['fp16_heldout_accuracy_through_scorer'])} |" in text
+    n_test = metrics["heldout_rows"]
+    differ = round((1 - q["agreement_with_fp16"]) * n_test)
+    assert f"({differ} of {n_test} labels differ{'s' if differ == 1 else ''})" in text
+    assert f"**Held-out accuracy** ({n_test} test rows, 10 classes; the majority class is " \
+           f"{100 * metrics['majority_class_baseline']:.1f}%)" in text
+    assert f"{metrics['parameters']:,} parameters" in text
+    line = re.search(r"Per class \(fp16\): ([^.]*(?:\.\d[^.]*)*)\.", " ".join(text.split())).group(1)
+    stated = {k: float(v) / 100 for k, v in re.findall(r"(\w+) ([\d.]+)%", line)}
+    assert stated == pytest.approx({k: v["test_accuracy"] for k, v in metrics["per_class"].items()}, abs=5e-4)
+    # the section table: train / test / total per section and the totals, from the shards themselves
+    rows = table.select(["section", "split"]).to_pylist()
+    for name in metrics["per_class"]:
+        tr = sum(r["section"] == name and r["split"] == "train" for r in rows)
+        te = sum(r["section"] == name and r["split"] == "test" for r in rows)
+        assert re.search(rf"^\| {name} +\| +{tr} \| +{te} \| +{tr + te} \|$", text, re.M), name
+    tr = sum(r["split"] == "train" for r in rows)
+    assert f"| **all**  | **{tr:,}** | **{len(rows) - tr:,}** | **{len(rows):,}** |" in text
