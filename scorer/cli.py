@@ -65,7 +65,7 @@ def quantize(
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="Quantize columns by decreasing Hessian diagonal."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (zero 8) or asymmetric zeros."),
     static_groups: bool = typer.Option(False, "--static-groups", help="Fix groups before act-order (g_idx stays monotonic)."),
-    calib: Optional[str] = typer.Option(None, help="Calibration Parquet (file, folder, glob, s3://...)."),
+    calib: Optional[str] = typer.Option(None, help="Calibration Parquet (file, folder, glob, s3://...; a custom S3 endpoint from AWS_ENDPOINT_URL)."),
     calib_job: Optional[str] = typer.Option(None, help="Take input and text from a job: jobs.yaml:NAME."),
     text_column: str = typer.Option("text", help="Text column of --calib."),
     samples: int = typer.Option(128, help="Calibration texts."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,25 @@ def test_checkpoint_tensors_read_back_bit_exactly(quantized, name):
             assert torch.equal(gi, (torch.arange(k) // gs).to(torch.int32))
         if spec.sym:
             assert (res.zeros == 8).all() and (qz == 0x77777777).all()
+        assert torch.equal(gptqmodel_dequant(qw, qz, sc, gi).float().T, res.weight), prefix
+    # scorer's own loader (v1 zeros -> true zeros, act-order rows made sequential) gives back the same W
+    from scorer.model.load import load_model
+
+    model, _ = load_model(d, dtype=torch.float32, device="cpu")
+    for prefix, res in zip(names, results):
+        assert torch.equal(model.get_submodule(prefix).dequantized_weight(), res.weight), prefix
+
+
+def gptqmodel_dequant(qweight, qzeros, scales, g_idx) -> torch.Tensor:
+    """GPTQModel's reading of a v1 checkpoint, written out independently of scorer.kernels.reference:
+    convert_gptq_v1_to_v2_format adds 0x11111111 to each int32 qzeros word, then TorchQuantLinear's
+    dequantize_weight shifts by wf = [0, 4, ..., 28], masks 0xF and computes scales[g_idx] * (q - z[g_idx])."""
+    wf = torch.arange(0, 32, 4, dtype=torch.int64)
+    words = (qzeros.to(torch.int64) + 0x11111111) & 0xFFFFFFFF
+    zeros = ((words[:, :, None] >> wf[None, None, :]) & 0xF).reshape(qzeros.shape[0], -1)
+    codes = (((qweight.to(torch.int64) & 0xFFFFFFFF)[:, None, :] >> wf[None, :, None]) & 0xF).reshape(-1, qweight.shape[1])
+    g = g_idx.long()
+    return scales[g] * (codes - zeros[g]).to(torch.float16)
 
 
 def test_asym_zero_of_zero_survives_v1_packing(tmp_path, model_dir, texts):
@@ -114,6 +134,13 @@ def test_asym_zero_of_zero_survives_v1_packing(tmp_path, model_dir, texts):
     w = dequantize(q["model.layers.0.mlp.down_proj.qweight"], qz, q["model.layers.0.mlp.down_proj.scales"],
                    q["model.layers.0.mlp.down_proj.g_idx"], v1=True)
     assert (w[q["model.layers.0.mlp.down_proj.g_idx"] == 0, :3] >= 0).all()  # zero 0: no negative codes
+    g0 = q["model.layers.0.mlp.down_proj.g_idx"] == 0
+    gm = gptqmodel_dequant(*(q[f"model.layers.0.mlp.down_proj.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")))
+    assert torch.equal(gm, w) and (gm[g0, :3] >= 0).all()  # GPTQModel's reading: the same zero 0
+    from scorer.model.load import load_model
+
+    model, _ = load_model(out, dtype=torch.float32, device="cpu")  # and scorer's loader
+    assert torch.equal(model.get_submodule("model.layers.0.mlp.down_proj").dequantized_weight(), w.float().T)
 
 
 def test_written_config_and_files(quantized, model_dir):
@@ -189,7 +216,13 @@ def test_cli_writes_checkpoint_and_report(tmp_path, model_dir, calib_dir):
     res = cli(model_dir, out, "--calib", calib_dir, "--samples", "48", "--max-length", "32", "--group-size", "64",
               "--device", "cpu", "--seed", "3")
     assert res.exit_code == 0, res.output
-    assert "GPTQ <= RTN on 21/21 linears" in res.output
+    printed = res.output
+    for i in (1, 2, 3):  # a progress bar per layer: its 7 linears in 4 groups, then the layer's outputs
+        assert re.search(rf"layer {i}/3 .* 8/8", printed), printed
+    assert re.search(r"layer\s*┃\s*linear\s*┃\s*GPTQ\s*┃\s*RTN\s*┃\s*GPTQ/RTN", printed), printed  # the printed table
+    assert len(re.findall(r"│\s+[012] │ (self_attn|mlp)\.\w+_proj\s+│ 0\.\d{4} │ 0\.\d{4} │\s+0\.\d\d │", printed)) == 21, printed
+    assert "GPTQ <= RTN on 21/21 linears" in printed
+    assert re.search(r"held-out rows: 12, label agreement [01]\.\d{4}, max probability difference 0\.\d{4}", printed), printed
     report = json.loads((out / "quantization_report.json").read_text())
     assert report["calibration"]["texts"] == 48 and report["calibration"]["heldout_texts"] == 12
     assert report["calibration"]["source"] == str(calib_dir)
@@ -253,3 +286,49 @@ def test_calib_job_takes_input_template_and_filter(tmp_path, model_dir, calib_di
     assert res.exit_code == 0, res.output
     res = cli(model_dir, tmp_path / "out2", "--calib-job", f"{jobs}:daily")
     assert res.exit_code == 2 and "no job named 'daily'" in res.output, res.output
+
+
+def test_true_sequential_layer_by_layer(tmp_path, model_dir, texts, monkeypatch):
+    """Each group's Hessians are taken with the earlier groups of its layer already quantized (q/k/v, then o,
+    then gate/up, then down), and only the layer being quantized is held in fp32: earlier ones are freed,
+    later ones are still the source's fp16 tensors."""
+    import gc
+    import weakref
+
+    src = {k: v.float() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    state: dict = {"i": None, "refs": []}
+    hessians: list[tuple[int, str, list[str]]] = []  # (layer, linear, linears of the layer already quantized)
+    real_load, real_linears, real_hessian = qmod._load_source, qmod._quantize_linears, qmod._input_hessian
+
+    def load_source(*a, **k):
+        state["model"], cfg = real_load(*a, **k)
+        return state["model"], cfg
+
+    def quantize_linears(layer, i, *a, **k):
+        if state["i"] != i:  # the first group of a new layer
+            state["refs"].append(weakref.ref(layer))
+            gc.collect()
+            layers = state["model"].model.layers
+            assert [r() is None for r in state["refs"][:-1]] == [True] * i  # layers before i: freed
+            assert all(not list(layers[j].parameters()) for j in range(i))
+            assert {p.dtype for p in layer.parameters()} == {torch.float32}
+            assert all(p.dtype == torch.float16 for j in range(i + 1, len(layers)) for p in layers[j].parameters())
+            state["i"] = i
+        return real_linears(layer, i, *a, **k)
+
+    def input_hessian(layer, linear, s):
+        i = state["i"]
+        name = next(n for n, m in layer.named_modules() if m is linear)
+        done = [n for n in qmod.LINEARS if not torch.equal(layer.get_submodule(n).weight, src[f"model.layers.{i}.{n}.weight"])]
+        hessians.append((i, name, done))
+        return real_hessian(layer, linear, s)
+
+    monkeypatch.setattr(qmod, "_load_source", load_source)
+    monkeypatch.setattr(qmod, "_quantize_linears", quantize_linears)
+    monkeypatch.setattr(qmod, "_input_hessian", input_hessian)
+    run(model_dir, tmp_path / "q", texts, QuantSpec(group_size=32, act_order=True))
+    want = []
+    for i in range(3):
+        want += [(i, "self_attn.q_proj", []), (i, "self_attn.o_proj", list(qmod.LINEARS[:3])),
+                 (i, "mlp.gate_proj", list(qmod.LINEARS[:4])), (i, "mlp.down_proj", list(qmod.LINEARS[:6]))]
+    assert hessians[::2] == want and hessians[1::2] == want  # calibration rows, then the held-out ones
