@@ -264,6 +264,10 @@ def test_worker_killed_mid_shard(ray_cluster, tiny_model, tmp_path):
         assert outs[f"part-00{i}.parquet"]["id"].to_pylist() == t["id"].to_pylist()
     report = json.loads((part / "_report.json").read_text())
     assert report["this_run"]["shards"]["retries"] >= 1 and report["partition"]["rows"] == 480
+    # the killed actor was replaced by a new one: 2 + 1 actors, the killed one among the first two
+    workers = [w["worker"] for w in report["this_run"]["workers"]]
+    assert len(workers) == 3 and [w.endswith(f":{killed[0]}") for w in workers].count(True) == 1, workers
+    assert not workers[2].endswith(f":{killed[0]}")
 
 
 def test_driver_killed_then_rerun(ray_cluster, tiny_model, tmp_path):
