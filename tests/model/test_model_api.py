@@ -147,3 +147,10 @@ def test_stats_and_argument_errors(clf, make_dir):
         Scorer.from_pretrained(path, task="embed", device="cpu", dtype="int8")
     s = Scorer.from_pretrained(path, task="embed", device="cpu", dtype=torch.float16)
     assert s.settings.dtype == "float16" and s.settings.max_length == 2048
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_asked_for_without_cuda_says_so(make_dir):
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        Scorer.from_pretrained(make_dir(), device="cuda")
+    assert Scorer.from_pretrained(make_dir(), device="auto").device.type == "cpu"

@@ -42,6 +42,9 @@ def test_sharded_index_and_dropped_names(make_dir, tmp_path, hf):
     ref, _ = load_model(make_dir(), torch.float32, "cpu")
     for (n, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(a, b), n
+    (path / "model-00002-of-00002.safetensors").unlink()  # an index whose shard is gone: named
+    with pytest.raises(WeightsError, match="lists shards that are not there: .*model-00002-of-00002.safetensors"):
+        load_model(path, torch.float32, "cpu")
 
 
 def test_missing_and_unexpected_tensors_are_listed(make_dir, tmp_path):
