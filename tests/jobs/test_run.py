@@ -228,20 +228,30 @@ def test_shard_that_keeps_failing_is_retried_then_reported(ray_cluster, tiny_mod
     assert len(_manifest(part)) == 1 and not (part / "_SUCCESS").exists() and not (part / "_report.json").exists()
 
 
-def _kill_first_busy_worker(stop: threading.Event, killed: list[int]) -> None:
-    """SIGKILL the first actor process caught inside score_shard (its title is ray::ShardWorker.score_shard)."""
+def _worker_pids(prefix: bytes = b"ray::ShardWorker") -> set[int]:
+    pids = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(prefix):
+                pids.add(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+def _kill_first_busy_worker(stop: threading.Event, killed: list[int], exclude: set[int]) -> None:
+    """SIGKILL the first actor process caught inside score_shard (its title is ray::ShardWorker.score_shard);
+    `exclude`: actors of earlier tests that Ray is still tearing down (they keep that title)."""
     while not stop.is_set() and not killed:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
+        for pid in sorted(_worker_pids(b"ray::ShardWorker.score_shard") - exclude):
             try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
                 continue
-            if cmd.startswith(b"ray::ShardWorker.score_shard"):
-                os.kill(int(pid), signal.SIGKILL)
-                killed.append(int(pid))
-                return
+            killed.append(pid)
+            return
         time.sleep(0.01)
 
 
@@ -250,7 +260,7 @@ def test_worker_killed_mid_shard(ray_cluster, tiny_model, tmp_path):
     f = write_jobs(tmp_path / "jobs.yaml", {"a": job(tiny_model, "in", "out", batching={"chunk_rows": 8},
                                                      runtime={"workers": 2})})
     stop, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_first_busy_worker, args=(stop, killed), daemon=True)
+    killer = threading.Thread(target=_kill_first_busy_worker, args=(stop, killed, _worker_pids()), daemon=True)
     killer.start()
     try:
         assert run_cli(f, date=DATE, progress_interval=0.5) == 0
@@ -312,8 +322,7 @@ def test_driver_killed_then_rerun(ray_cluster, tiny_model, tmp_path):
 
 
 def test_s3_end_to_end(ray_cluster, s3, tiny_model, tmp_path, capfd):
-    from conftest import S3_ENV
-
+    keys = [os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]]  # set by the s3_env fixture
     opts = lake.StorageOptions(endpoint=s3, region="us-east-1")
     fs = lake.resolve("s3://lake", opts).fs
     tables = write_shards("lake/e2e/dt=2026-11-22", [14, 0, 9], fs=fs)
@@ -347,8 +356,8 @@ def test_s3_end_to_end(ray_cluster, s3, tiny_model, tmp_path, capfd):
     written += b"".join(json.dumps({k.decode(): v.decode() for k, v in t.schema.metadata.items()}).encode() for t in outs.values())
     printed = "".join(capfd.readouterr())
     assert "scorer run" in printed and "3 shard(s) to score" in printed  # summary and progress were captured
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        assert S3_ENV[key] not in printed and S3_ENV[key].encode() not in written
+    for key in keys:
+        assert key not in printed and key.encode() not in written
 
 
 def test_dry_run_prints_the_plan(ray_cluster, tiny_model, tmp_path):
