@@ -110,6 +110,17 @@ __device__ __forceinline__ float4 ld_cg_f4(const float* p) {  // L2 only: other 
   asm volatile("ld.global.cg.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));
   return r;
 }
+__device__ __forceinline__ float2 ld_cg_f2(const float* p) {
+  float2 r;
+  asm volatile("ld.global.cg.v2.f32 {%0,%1}, [%2];" : "=f"(r.x), "=f"(r.y) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ void st_f2(float* p, float a, float b) {
+  asm volatile("st.global.v2.f32 [%0], {%1,%2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+}
+__device__ __forceinline__ void st_u32(void* p, u32 v) {
+  asm volatile("st.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
 __device__ __forceinline__ void st_v4(void* p, uint4 v) {
   asm volatile("st.global.v4.u32 [%0], {%1,%2,%3,%4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
 }
@@ -450,4 +461,267 @@ __global__ void __launch_bounds__(Cfg<MT>::KW * 32)
     st_v4(y + (size_t)m * N + n, o);
   }
   if (KS > 1 && threadIdx.x == 0) counters[nb] = 0;  // ready for the next launch on this stream
+}
+
+
+// ---------------------------------------------------------------------------------------------------
+// Streaming fused GEMM for M <= 8 * MT rows (MT 1 or 2: m <= 16), where a layer is memory-bound:
+// y[M][N] = x[M][K] @ W + bias, x's columns in sequential order, rows ldx = Kp apart, zero in K..Kp.
+// Stream-K: the tiles of every column block, in memory order (nb, kt), are cut into equal contiguous
+// chunks of `chunk` tiles, one per warp of a single wave, so every warp streams the same bytes and no
+// SM idles in a tail. A warp keeps D tiles of codes (16 B per lane) and their x fragments (8 B per lane
+// and row tile) in flight in registers and loads the next group's scales and zeros while the current
+// group runs. Per tile: one 16-byte load, the bit-exact dequant of int4_dequant (fp16: the nibbles at
+// bits 4..7 stay in place as 1024 + 16q and one fma by 1/16 takes off the zero, so one shift per word;
+// bf16: one shift per nibble pair), MT x 4 mma.m16n8k16 with fp32 accumulation.
+// Each column block a warp finishes (or leaves, at its chunk's end) is a "piece": its fp32 partial goes
+// to ws[nb][piece]. The pieces are summed in piece order (deterministic), the bias added and y written
+// either by int4_gemv_fix, a second launch with one thread per output pair (fix_inline = 0), or inline
+// by the last piece of each column block to arrive (atomic counter, reset for the next launch).
+#ifndef GEMV_WARPS
+#define GEMV_WARPS 4  // warps per block (scorer.kernels.int4 mirrors it)
+#endif
+// Defaults from benchmarks/gemv_sweep.py on an H200 (benchmarks/RESULTS.md): the warps are latency-bound
+// (ncu: ~60% of cycles on long scoreboard), so more resident warps (5 blocks a SM at <= 102 registers)
+// with an L2 prefetch stream ahead of a short register ring beat a deep ring at 4 blocks a SM.
+#ifndef GEMV_D1
+#define GEMV_D1 4  // tiles in flight per warp in registers, m <= 8
+#endif
+#ifndef GEMV_D2
+#define GEMV_D2 4  // the same, m <= 16
+#endif
+#ifndef GEMV_B1
+#define GEMV_B1 5  // blocks per SM the register budget must allow (launch bounds), m <= 8
+#endif
+#ifndef GEMV_B2
+#define GEMV_B2 4  // (5 spills at m <= 16)
+#endif
+#ifndef GEMV_PF
+#define GEMV_PF 16  // > 0: also prefetch into L2 the tile this many ahead of the one being fetched
+#endif
+template <int MT> struct GemvCfg {
+  static constexpr int D = MT == 1 ? GEMV_D1 : GEMV_D2;
+  static constexpr int B = MT == 1 ? GEMV_B1 : GEMV_B2;
+  static constexpr int PIECE = MT * 8 * 64;  // floats of one partial: [8 MT rows][64 columns]
+};
+static constexpr u32 ONE16 = 0x2C002C00u;  // fp16 1/16 in each half
+
+template <int LUT> __device__ __forceinline__ u32 lop3(u32 a, u32 b, u32 c) {
+  u32 d;
+  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(d) : "r"(a), "n"(b), "r"(c), "n"(LUT));
+  return d;
+}
+// (a & b) | c in one instruction: LUT = (0xF0 & 0xCC) | 0xAA
+__device__ __forceinline__ u32 and_or(u32 a, u32 mask, u32 magic) {
+  u32 d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));
+  return d;
+}
+
+// Sum of pieces 0..pieces-1 of one float pair, in piece order, with 8 loads in flight at a time.
+__device__ __forceinline__ float2 sum_pieces(const float* p0, int pieces, int stride) {
+  float a = 0.f, b = 0.f;
+  for (int p = 0; p < pieces; p += 8) {
+    float2 v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = p + i < pieces ? ld_cg_f2(p0 + (size_t)(p + i) * stride) : make_float2(0.f, 0.f);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      a += v[i].x;
+      b += v[i].y;
+    }
+  }
+  return make_float2(a, b);
+}
+
+template <int DT> __device__ __forceinline__ void store_pair(u16* y, const u16* bias, int n, float2 v) {
+  if (bias != nullptr) {
+    const u32 bb = ld_u32(bias + n);
+    v.x += to_f32<DT>((u16)(bb & 0xFFFFu));
+    v.y += to_f32<DT>((u16)(bb >> 16));
+  }
+  st_u32(y, pack2<DT>(v.x, v.y));
+}
+
+// Inline fix-up: the last piece of column block nb sums the pieces, adds the bias, writes y (rows < M).
+template <int DT, int MT>
+__device__ __noinline__ void gemv_finish(const float* __restrict__ ws, const u16* __restrict__ bias,
+                                         u16* __restrict__ y, int nb, int pieces, int pmax, int M, int N) {
+  constexpr int PIECE = GemvCfg<MT>::PIECE;
+  const int lane = threadIdx.x & 31;
+  const float* base = ws + (size_t)nb * pmax * PIECE;
+  for (int e = 2 * lane; e < M * 64; e += 64) {  // (row, column pair) of this lane
+    const int m = e >> 6, n = nb * 64 + (e & 63);
+    if (n < N) store_pair<DT>(y + (size_t)m * N + n, bias, n, sum_pieces(base + e, pieces, PIECE));
+  }
+}
+
+// Separate fix-up (fix_inline == 0): one thread per (column block, row, column pair), all in parallel.
+template <int DT, int MT>
+__global__ void __launch_bounds__(256) int4_gemv_fix(const float* __restrict__ ws, const u16* __restrict__ bias,
+                                                     u16* __restrict__ y, int M, int N, int Np, int KT, int chunk,
+                                                     int pmax) {
+  constexpr int PIECE = GemvCfg<MT>::PIECE;
+  const int idx = blockIdx.x * 256 + threadIdx.x;
+  const int per_nb = M * 32, nb = idx / per_nb;
+  if (nb >= (Np >> 6)) return;
+  const int r = idx - nb * per_nb, m = r >> 5, e = m * 64 + 2 * (r & 31), n = nb * 64 + 2 * (r & 31);
+  if (n >= N) return;
+  const int w_lo = (nb * KT) / chunk, pieces = ((nb + 1) * KT - 1) / chunk - w_lo + 1;
+  store_pair<DT>(y + (size_t)m * N + n, bias, n, sum_pieces(ws + (size_t)nb * pmax * PIECE + e, pieces, PIECE));
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+template <int DT, int MT>
+__global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
+    int4_gemv(const u16* __restrict__ x, const uint4* __restrict__ wq, const u16* __restrict__ scales,
+              const u32* __restrict__ qzeros, const u16* __restrict__ bias, u16* __restrict__ y,
+              float* __restrict__ ws, int* __restrict__ counters, int M, int ldx, int N, int Np, int KT, int G,
+              int gs16, int chunk, int pmax, int fix_inline) {
+  constexpr int D = GemvCfg<MT>::D, PIECE = GemvCfg<MT>::PIECE;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int gw = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+  const int nbk = Np >> 6, total = nbk * KT;
+  const int beg = gw * chunk;
+  if (beg >= total) return;  // no block-wide barrier below: idle warps may leave
+  const int end = min(total, beg + chunk);
+
+  int nb = beg / KT, kt = beg - nb * KT;  // the tile being consumed
+  // B fragments: x row 8 mt + g (rows >= M read row M - 1; their outputs are never written)
+  const u16* xrow[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) xrow[mt] = x + (size_t)min(mt * 8 + g, M - 1) * ldx + 4 * t;
+
+  // ---- group state: the current group's per-column pairs; the next group's raw words in flight
+  u32 sc[8], zc[8];
+  uint4 sv_next = make_uint4(0u, 0u, 0u, 0u);
+  u32 zv_next = 0u;
+  auto load_group = [&](int nb2, int g2) {
+    if (nb2 < nbk) {
+      sv_next = ld_v4(scales + (size_t)g2 * Np + nb2 * 64 + 8 * g);
+      zv_next = ld_u32(qzeros + (size_t)g2 * (Np >> 3) + nb2 * 8 + g);
+    }
+  };
+  auto take_group = [&]() {  // next -> current, in the form the dequant below wants
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      sc[c] = scale2(sv_next, c);
+      const u32 z = (zv_next >> (4 * c)) & 0xFu;
+      if (DT == 0 && (c & 1)) {
+        zc[c] = 0xD400D400u | ((z << 4) * 0x00010001u);  // -(64 + z): for 1024 + 16q scaled by 1/16
+      } else {
+        zc[c] = (z * 0x00010001u) | Tr<DT>::MAGIC;  // 1024 + z (fp16) or 128 + z (bf16)
+      }
+    }
+  };
+  int grp = min(kt / gs16, G - 1);
+  load_group(nb, grp);
+  take_group();
+  int nkt = grp + 1 < G ? (grp + 1) * gs16 : KT;  // next event: a new group, or (== KT) the block's end
+  if (grp + 1 < G) load_group(nb, grp + 1); else load_group(nb + 1, 0);
+
+  // ---- the ring of tiles in flight
+  const uint4* wp = wq + (size_t)beg * 32 + lane;
+  const int xwrap = 16 * KT;
+  int fetched = beg, xoff = 16 * kt;  // next tile to fetch, its x column offset (wraps at 16 KT)
+  uint4 wb[D];
+  uint2 xb[D][MT];
+  auto fetch = [&](uint4& wd, uint2 (&xd)[MT]) {
+    if (fetched < end) {
+      if (GEMV_PF > 0 && fetched + GEMV_PF < end) prefetch_l2(wp + GEMV_PF * 32);
+      wd = ld_stream_v4(wp);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) xd[mt] = ld_v2(xrow[mt] + xoff);
+      wp += 32;
+      ++fetched;
+      xoff += 16;
+      xoff = xoff == xwrap ? 0 : xoff;
+    }
+  };
+
+  float acc[4][MT][4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[j][mt][r] = 0.f;
+
+  // C fragment: acc[j][mt] = {y[m][n], y[m+1][n], y[m][n+1], y[m+1][n+1]}, m = 8mt + 2t, n = 8g + 2j
+  auto flush = [&]() {  // this warp's piece of column block nb is complete
+    const int w_lo = (nb * KT) / chunk, w_hi = ((nb + 1) * KT - 1) / chunk;
+    float* mine = ws + ((size_t)nb * pmax + (gw - w_lo)) * PIECE;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int m = mt * 8 + 2 * t;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int n = 8 * g + 2 * j;
+        if (m < M) st_f2(mine + m * 64 + n, acc[j][mt][0], acc[j][mt][2]);
+        if (m + 1 < M) st_f2(mine + (m + 1) * 64 + n, acc[j][mt][1], acc[j][mt][3]);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[j][mt][r] = 0.f;
+      }
+    }
+    if (!fix_inline) return;  // int4_gemv_fix sums the pieces after this launch
+    __threadfence();
+    __syncwarp();
+    int prev = 0;
+    if (lane == 0) prev = atomicAdd(counters + nb, 1);
+    prev = __shfl_sync(0xffffffffu, prev, 0);
+    if (prev == w_hi - w_lo) {  // the last piece: every other piece's partial is visible
+      __threadfence();
+      gemv_finish<DT, MT>(ws, bias, y, nb, w_hi - w_lo + 1, pmax, M, N);
+      if (lane == 0) counters[nb] = 0;
+    }
+  };
+
+#pragma unroll
+  for (int d = 0; d < D; ++d) fetch(wb[d], xb[d]);
+
+  for (int i = beg; i < end; i += D) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      if (i + d < end) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const u32 w = word(wb[d], j);
+          u32 a[4];
+          if constexpr (DT == 0) {
+            const u32 w8 = w >> 8, magic = Tr<0>::MAGIC;
+            a[0] = fma2<0>(fma2<0>(zc[2 * j], Tr<0>::NEG1, and_or(w, 0x000F000Fu, magic)), sc[2 * j], NEG0);
+            a[1] = fma2<0>(fma2<0>(and_or(w, 0x00F000F0u, magic), ONE16, zc[2 * j + 1]), sc[2 * j + 1], NEG0);
+            a[2] = fma2<0>(fma2<0>(zc[2 * j], Tr<0>::NEG1, and_or(w8, 0x000F000Fu, magic)), sc[2 * j], NEG0);
+            a[3] = fma2<0>(fma2<0>(and_or(w8, 0x00F000F0u, magic), ONE16, zc[2 * j + 1]), sc[2 * j + 1], NEG0);
+          } else {
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+              const u32 raw = and_or(w >> (4 * s), 0x000F000Fu, Tr<1>::MAGIC);
+              a[s] = fma2<1>(fma2<1>(zc[2 * j + (s & 1)], Tr<1>::NEG1, raw), sc[2 * j + (s & 1)], NEG0);
+            }
+          }
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) mma16816<DT>(acc[j][mt], a, xb[d][mt].x, xb[d][mt].y);
+        }
+        fetch(wb[d], xb[d]);  // refill this slot, D tiles ahead
+        if (++kt == nkt) {    // rare: a new group, or this column block's end
+          if (kt == KT) {
+            flush();
+            ++nb;
+            kt = 0;
+            grp = 0;
+          } else {
+            ++grp;
+          }
+          take_group();  // loaded while the previous group ran
+          nkt = grp + 1 < G ? (grp + 1) * gs16 : KT;
+          if (grp + 1 < G) load_group(nb, grp + 1); else load_group(nb + 1, 0);
+        }
+      }
+    }
+  }
+  if (kt != 0) flush();  // the chunk ended inside a column block
 }

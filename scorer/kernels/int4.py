@@ -1,12 +1,15 @@
 """CUDA 4-bit GPTQ path: CuPy RawKernels from int4.cu, launched on torch's current stream.
 
-Two kernels over one prepared weight layout (`repack`, described at the top of int4.cu):
-  * `dequant`: a whole layer -> fp16/bf16 W (K, N) in a reused per-device scratch buffer; then cuBLAS
-    (torch.addmm) does y = x @ W. This is the large-m path: prefill matmuls are compute-bound, so 4-bit
-    costs one pass over 2.5 bytes per weight (read 0.5, write 2).
-  * `gemm_small`: a fused tensor-core GEMM for m <= 64 that reads the packed weights once (memory-bound:
-    a quarter of fp16's bytes), fp32 accumulation, deterministic split-K.
-`matmul` picks between them by m, with a crossover measured once per (device, shape, dtype) at first use.
+Kernels over one prepared weight layout (`repack`, described at the top of int4.cu):
+  * `dequant` / `dequant_rows`: a whole layer -> fp16/bf16 W in a reused per-device scratch buffer; then
+    cuBLAS does y = x @ W. This is the large-m path: prefill matmuls are compute-bound, so 4-bit costs
+    one pass over 2.5 bytes per weight (read 0.5, write 2).
+  * `gemv`: m <= 16, the memory-bound case: a stream-K fused GEMM that reads the packed weights once
+    (a quarter of fp16's bytes) in equal chunks over one wave of warps, fp32 accumulation on the tensor
+    cores, deterministic fix-up of split column blocks.
+  * `gemm_tiles`: m <= 64, a split-K fused tensor-core GEMM with a cp.async pipeline (the m > 16 side).
+`gemm_small` is the fused path (gemv up to 16 rows, gemm_tiles above); `matmul` picks between it and
+dequant + cuBLAS by m, with a crossover measured once per (device, shape, dtype) at first use.
 
 The wrappers only check dtype, shape, contiguity, alignment and device (ValueError) and launch: no host
 syncs, no allocation in the steady state (the scratch buffer and split-K workspace are shared by all
@@ -28,7 +31,13 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int4.cu")
-MAX_FUSED_M = 64  # the fused kernel's largest m (8 tiles of 8 rows)
+MAX_FUSED_M = 64  # the fused kernels' largest m (8 tiles of 8 rows)
+GEMV_MAX_M = 16  # gemv's largest m (2 tiles of 8 rows)
+GEMV_WARPS = 4  # warps per block of int4_gemv (GEMV_WARPS in int4.cu)
+GEMV_BLOCKS = {1: 5, 2: 4}  # blocks per SM by row tiles (GEMV_B1, GEMV_B2 in int4.cu: its launch bounds)
+GEMV_WAVE = GEMV_WARPS * GEMV_BLOCKS[2]  # warps per SM in gemv's one wave (the smaller of the two)
+GEMV_MIN_CHUNK = 16  # tiles per warp at least: fewer pieces to fix up on small layers
+GEMV_FIX_INLINE = False  # True: the last piece of a column block sums the pieces (one launch, serial sums)
 CROSSOVER_PROBES = (1, 8, 16, 32, 48, 64)
 _DT = {torch.float16: 0, torch.bfloat16: 1}
 
@@ -170,6 +179,9 @@ def _names() -> list[str]:
         names.append(f"int4_dequant_rows<{dt}, false>")
         for mt in (1, 2, 4, 8):
             names.append(f"int4_gemm_small<{dt}, {mt}>")
+        for mt in (1, 2):
+            names.append(f"int4_gemv<{dt}, {mt}>")
+            names.append(f"int4_gemv_fix<{dt}, {mt}>")
     return names
 
 
@@ -181,7 +193,8 @@ def _module(index: int):
         with _lock, cupy.cuda.Device(index):
             mod = _modules.get(index)
             if mod is None:
-                opts = ("-std=c++17", f"-DINT4_SMALL_WARPS={SMALL_WARPS}", f"-DINT4_SMALL_STAGES={SMALL_STAGES}")
+                opts = ("-std=c++17", f"-DINT4_SMALL_WARPS={SMALL_WARPS}", f"-DINT4_SMALL_STAGES={SMALL_STAGES}",
+                        f"-DGEMV_WARPS={GEMV_WARPS}")
                 mod = cupy.RawModule(code=SOURCE.read_text(), options=opts, name_expressions=_names())
                 _modules[index] = mod
     return mod
@@ -236,10 +249,21 @@ def _align(n: int) -> int:
 
 
 def _small_layout(w: Int4Weight, m: int) -> tuple[int, int, int]:
-    """(bytes of the gathered x, bytes of the split-K partials, KS) of gemm_small at m rows."""
-    _, np_ = padded(w.k, w.n)
+    """(bytes of staged x, bytes of the fix-up partials, KS or chunk) of the fused kernel for m rows.
+
+    gemv (m <= 16) reads x with rows Kp apart, zero past K: x is staged when act-order gathers its
+    columns or K is not a multiple of 16 (a gathered copy and the padded one). gemm_tiles stages x
+    only under act-order."""
+    kp, np_ = padded(w.k, w.n)
     nbk, kt = w.qweight.shape[:2]
-    ks, _ = split_k(nbk, kt, mt_of(m), _sm_count(w.qweight.device))
+    sms = _sm_count(w.qweight.device)
+    if m <= GEMV_MAX_M:
+        chunk, _, pmax = gemv_layout(nbk, kt, sms, wave=GEMV_WARPS * GEMV_BLOCKS[mt_of(m)])
+        stage = 0
+        if w.perm is not None or kp != w.k:
+            stage = _align(m * kp * 2) + (_align(m * w.k * 2) if w.perm is not None and kp != w.k else 0)
+        return stage, nbk * pmax * mt_of(m) * 8 * 64 * 4, chunk
+    ks, _ = split_k(nbk, kt, mt_of(m), sms)
     xg = _align(m * w.k * 2) if w.perm is not None else 0
     return xg, ks * m * np_ * 4, ks
 
@@ -247,7 +271,7 @@ def _small_layout(w: Int4Weight, m: int) -> tuple[int, int, int]:
 def scratch_bytes(w: Int4Weight) -> int:
     """Bytes of scratch `w` needs: its dequantized W^T, or the fused path's gathered x + partials."""
     need = w.k * w.n * 2
-    for m in (8, 16, 32, 64):  # the largest m of each kernel variant
+    for m in (8, 16, 32, 64):  # the largest m of each kernel variant (8, 16: gemv; 32, 64: gemm_tiles)
         xg, part, _ = _small_layout(w, m)
         need = max(need, xg + part)
     return need
@@ -287,6 +311,24 @@ def split_k(nblocks: int, kt: int, mt: int, sms: int) -> tuple[int, int]:
     ks = max(1, min(ks, kt // (4 * kw)))
     per = -(-kt // ks)
     return -(-kt // per), per
+
+
+def gemv_layout(nblocks: int, kt: int, sms: int, min_chunk: int = GEMV_MIN_CHUNK,
+                wave: int = GEMV_WAVE) -> tuple[int, int, int]:
+    """(chunk, warps, pmax) of int4_gemv: the nblocks * kt tiles cut into `warps` equal runs of `chunk`
+    tiles (at most GEMV_WAVE warps per SM, at least `min_chunk` tiles each); pmax bounds the pieces
+    (warps) that share one column block, which sizes the fix-up workspace."""
+    total = nblocks * kt
+    warps = max(1, min(sms * wave, -(-total // max(1, min_chunk))))
+    chunk = -(-total // warps)
+    warps = -(-total // chunk)
+    return chunk, warps, -(-kt // chunk) + 1
+
+
+def gemv_pieces(nb: int, kt: int, chunk: int) -> tuple[int, int]:
+    """(first warp, pieces) of column block nb in gemv's partition (the kernel's own arithmetic)."""
+    lo, hi = (nb * kt) // chunk, ((nb + 1) * kt - 1) // chunk
+    return lo, hi - lo + 1
 
 
 # -- thin wrappers ----------------------------------------------------------------------------------
@@ -351,22 +393,22 @@ def dequant_rows(w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gemm_small(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
-    """out (M, N) <- x (M, K) @ W + bias for 1 <= M <= 64: fused 4-bit tensor-core GEMM."""
+def gemm_tiles(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
+    """out (M, N) <- x (M, K) @ W + bias for 1 <= M <= 64: split-K fused 4-bit tensor-core GEMM."""
     import numpy as np
 
-    _check_x(x, w, "gemm_small")
+    _check_x(x, w, "gemm_tiles")
     m = x.shape[0]
     if not 1 <= m <= MAX_FUSED_M:
-        raise ValueError(f"gemm_small: x must have 1 to {MAX_FUSED_M} rows, got {m}")
-    _check_out(out, (m, w.n), w, "gemm_small out")
+        raise ValueError(f"gemm_tiles: x must have 1 to {MAX_FUSED_M} rows, got {m}")
+    _check_out(out, (m, w.n), w, "gemm_tiles out")
     dev = w.qweight.device
     _, np_ = padded(w.k, w.n)
     nbk, kt = w.qweight.shape[:2]
     mt = mt_of(m)
-    xg_bytes, part_bytes, _ = _small_layout(w, m)
     ks, per = split_k(nbk, kt, mt, _sm_count(dev))
-    s = _get_scratch(dev, xg_bytes + part_bytes)
+    xg_bytes = _align(m * w.k * 2) if w.perm is not None else 0
+    s = _get_scratch(dev, xg_bytes + ks * m * np_ * 4)
     if w.perm is not None:  # act-order: x's columns in sequential order (m x K, small)
         xs = s.buf[: m * w.k * 2].view(w.dtype).view(m, w.k)
         torch.index_select(x, 1, w.perm, out=xs)
@@ -379,6 +421,58 @@ def gemm_small(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tenso
     with _stream(dev):
         fn((nbk, ks), (32 * warps_of(mt),), args, shared_mem=smem)
     return out
+
+
+def gemv(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
+    """out (M, N) <- x (M, K) @ W + bias for 1 <= M <= 16: the stream-K fused 4-bit GEMM."""
+    import numpy as np
+
+    _check_x(x, w, "gemv")
+    m = x.shape[0]
+    if not 1 <= m <= GEMV_MAX_M:
+        raise ValueError(f"gemv: x must have 1 to {GEMV_MAX_M} rows, got {m}")
+    _check_out(out, (m, w.n), w, "gemv out")
+    dev = w.qweight.device
+    kp, np_ = padded(w.k, w.n)
+    nbk, kt = w.qweight.shape[:2]
+    stage, part, _ = _small_layout(w, m)
+    chunk, warps, pmax = gemv_layout(nbk, kt, _sm_count(dev), wave=GEMV_WARPS * GEMV_BLOCKS[mt_of(m)])
+    s = _get_scratch(dev, stage + part)
+    if stage:  # x with rows Kp apart and zeros past K, columns gathered under act-order
+        xs = s.buf[: m * kp * 2].view(w.dtype).view(m, kp)
+        if kp == w.k:
+            torch.index_select(x, 1, w.perm, out=xs)
+        else:
+            xs[:, w.k:].zero_()
+            if w.perm is not None:
+                off = _align(m * kp * 2)
+                tmp = s.buf[off: off + m * w.k * 2].view(w.dtype).view(m, w.k)
+                torch.index_select(x, 1, w.perm, out=tmp)
+                xs[:, : w.k].copy_(tmp)
+            else:
+                xs[:, : w.k].copy_(x)
+        x = xs
+    fn = _kernel(dev.index, f"int4_gemv<{_DT[w.dtype]}, {mt_of(m)}>")
+    ws_ptr = np.uint64(s.buf.data_ptr() + stage)
+    args = (_ptr(x), _ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(w.bias), _ptr(out), ws_ptr,
+            _ptr(s.counters), np.int32(m), np.int32(kp), np.int32(w.n), np.int32(np_), np.int32(kt),
+            np.int32(w.n_groups), np.int32(w.group16), np.int32(chunk), np.int32(pmax), np.int32(GEMV_FIX_INLINE))
+    with _stream(dev):
+        fn((-(-warps // GEMV_WARPS),), (32 * GEMV_WARPS,), args)
+        if not GEMV_FIX_INLINE:
+            fix = _kernel(dev.index, f"int4_gemv_fix<{_DT[w.dtype]}, {mt_of(m)}>")
+            fix((-(-(nbk * m * 32) // 256),), (256,), (ws_ptr, _ptr(w.bias), _ptr(out), np.int32(m), np.int32(w.n),
+                                                       np.int32(np_), np.int32(kt), np.int32(chunk), np.int32(pmax)))
+    return out
+
+
+def gemm_small(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
+    """out (M, N) <- x (M, K) @ W + bias for 1 <= M <= 64: the fused path (gemv up to 16 rows)."""
+    if 1 <= x.shape[0] <= GEMV_MAX_M:
+        return gemv(x, w, out)
+    if x.dim() == 2 and x.shape[0] > MAX_FUSED_M:
+        raise ValueError(f"gemm_small: x must have 1 to {MAX_FUSED_M} rows, got {x.shape[0]}")
+    return gemm_tiles(x, w, out)
 
 
 def dequant_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
@@ -464,6 +558,6 @@ def bandwidth_bytes(w: Int4Weight) -> int:
 
 __all__ = [
     "Int4Weight", "available", "bandwidth_bytes", "crossover", "dequant", "dequant_matmul", "dequant_rows",
-    "gemm_small",
+    "gemm_small", "gemm_tiles", "gemv", "gemv_layout", "gemv_pieces",
     "matmul", "measure_crossover", "mt_of", "padded", "repack", "reserve", "split_k", "unrepack", "warps_of",
 ]

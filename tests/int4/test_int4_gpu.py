@@ -92,6 +92,46 @@ def test_fused_gemm_every_m(shape, gs, v1, sym, act, dtype):
         assert_close_rel(out, reference_y(x, case, dtype, lin.bias), dtype)
 
 
+GEMV_CASES = [(shape, *v) for shape in SHAPES for v in VARIANTS] + [  # + Llama-sized, several pieces per block
+    ((4096, 4096), 128, True, True, True), ((14336, 1024), 128, False, False, True), ((4096, 1024), -1, True, True, False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,gs,v1,sym,act", GEMV_CASES)
+def test_gemv_every_m_to_16_agrees_with_gemm_tiles(shape, gs, v1, sym, act, dtype):
+    """The stream-K kernel (m <= 16) against the reference and the split-K kernel, every variant."""
+    from scorer.kernels import int4
+
+    k, n = shape
+    lin, case = layer_on_gpu(k, n, gs, v1=v1, sym=sym, act=act, dtype=dtype, bias=True)
+    w = lin._weight()
+    for m in range(1, 17):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+        int4.gemv(x, w, out)
+        ref = reference_y(x, case, dtype, lin.bias)
+        assert_close_rel(out, ref, dtype)
+        tiles = int4.gemm_tiles(x, w, torch.empty(m, n, dtype=dtype, device="cuda"))
+        assert_close_rel(out, tiles.float(), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 7, 16])
+def test_gemv_is_deterministic_and_reusable(m, dtype):
+    """Its fix-up counters reset themselves and pieces add in a fixed order: bit-identical repeats."""
+    from scorer.kernels import int4
+
+    lin, _ = layer_on_gpu(4160, 1096, 128, v1=False, sym=False, act=True, dtype=dtype)
+    w = lin._weight()
+    chunk, _, _ = int4.gemv_layout(*w.qweight.shape[:2], torch.cuda.get_device_properties(0).multi_processor_count)
+    assert chunk < w.qweight.shape[1], "this shape should split column blocks over several warps"
+    x = torch.randn(m, 4160, device="cuda", dtype=dtype)
+    first = int4.gemv(x, w, torch.empty(m, 1096, dtype=dtype, device="cuda")).clone()
+    for _ in range(3):
+        again = int4.gemv(x, w, torch.full((m, 1096), float("nan"), dtype=dtype, device="cuda"))
+        assert torch.equal(again, first)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_gemm_is_deterministic_and_reusable(dtype):
     """Split-K counters reset themselves: repeated launches give bit-identical results."""
@@ -102,9 +142,9 @@ def test_fused_gemm_is_deterministic_and_reusable(dtype):
     ks, _ = int4.split_k(*w.qweight.shape[:2], 1, torch.cuda.get_device_properties(0).multi_processor_count)
     assert ks > 1, "this shape should exercise the cross-block reduction"
     x = torch.randn(5, 4160, device="cuda", dtype=dtype)
-    first = int4.gemm_small(x, w, torch.empty(5, 1096, dtype=dtype, device="cuda")).clone()
+    first = int4.gemm_tiles(x, w, torch.empty(5, 1096, dtype=dtype, device="cuda")).clone()
     for _ in range(3):
-        again = int4.gemm_small(x, w, torch.full((5, 1096), float("nan"), dtype=dtype, device="cuda"))
+        again = int4.gemm_tiles(x, w, torch.full((5, 1096), float("nan"), dtype=dtype, device="cuda"))
         assert torch.equal(again, first)
 
 
@@ -137,6 +177,9 @@ def test_wrappers_reject_bad_input():
     x = torch.randn(3, 96, device="cuda", dtype=torch.float16)
     with pytest.raises(ValueError, match="x must be"):
         int4.gemm_small(x.float(), w, torch.empty(3, 40, device="cuda", dtype=torch.float16))
+    with pytest.raises(ValueError, match="x must have 1 to 16 rows"):
+        int4.gemv(torch.randn(17, 96, device="cuda", dtype=torch.float16), w,
+                  torch.empty(17, 40, device="cuda", dtype=torch.float16))
     with pytest.raises(ValueError, match="x must have 1 to 64 rows"):
         int4.gemm_small(torch.randn(65, 96, device="cuda", dtype=torch.float16), w,
                         torch.empty(65, 40, device="cuda", dtype=torch.float16))

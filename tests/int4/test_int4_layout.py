@@ -185,3 +185,39 @@ def test_split_k_covers_every_row_block_once():
                 beg = kb0 + warp * per_w
                 seen[beg: min(kb1, beg + per_w)] += 1
         assert (seen == 1).all()
+
+
+@pytest.mark.parametrize("nbk,kt,sms", [(64, 256, 132), (896, 512, 132), (1, 6, 132), (18, 261, 7), (3, 1, 132),
+                                        (224, 1792, 132), (17, 64, 1)])
+def test_gemv_partition_covers_every_tile_once(nbk, kt, sms):
+    """int4_gemv's stream-K cut: each tile in exactly one warp, one wave, pieces within the workspace."""
+    chunk, warps, pmax = int4.gemv_layout(nbk, kt, sms)
+    total = nbk * kt
+    assert warps <= max(1, sms * int4.GEMV_WAVE) and (warps - 1) * chunk < total <= warps * chunk
+    seen = np.zeros(total, dtype=int)
+    owners = {}
+    for w in range(warps):  # what the kernel does: tiles [w*chunk, min(total, (w+1)*chunk)), cut at each nb
+        beg, end = w * chunk, min(total, (w + 1) * chunk)
+        seen[beg:end] += 1
+        for nb in range(beg // kt, (end - 1) // kt + 1):
+            owners.setdefault(nb, []).append(w)
+    assert (seen == 1).all()
+    for nb in range(nbk):
+        lo, pieces = int4.gemv_pieces(nb, kt, chunk)
+        assert owners[nb] == list(range(lo, lo + pieces))  # the warps that write a piece of nb, in order
+        assert pieces <= pmax
+
+
+def test_gemv_fp16_in_place_nibble_trick_is_exact():
+    """int4_gemv's fp16 dequant: the nibble at bits 4..7 read as 1024 + 16q, times 1/16, plus -(64 + z),
+    is q - z exactly (then one rounding by the scale, as the reference); the constants are those values."""
+    f16 = lambda bits: float(np.uint16(bits).view(np.float16))  # noqa: E731
+    assert f16(0x2C00) == 1 / 16
+    for q in range(16):
+        assert f16(0x6400 | (16 * q)) == 1024 + 16 * q  # and_or(w, 0x00F000F0, 0x64006400), one half
+        assert f16(0x6400 | q) == 1024 + q
+        for z in range(16):
+            assert f16(0xD400 | (z << 4)) == -(64 + z)
+            # fma.rn(1024 + 16q, 1/16, -(64 + z)): the exact real result is an integer, so no rounding
+            exact = (1024 + 16 * q) / 16 - (64 + z)
+            assert exact == q - z and float(np.float16(exact)) == exact
