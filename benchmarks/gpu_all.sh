@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go, each step under its own time limit; logs and JSON land in $OUT.
-#   OUT=/tmp/out bash benchmarks/gpu_all.sh [tests] [e2e] [pipeline] [int4] [70b]     (default: all)
+#   OUT=/tmp/out bash benchmarks/gpu_all.sh [tests] [int4tests] [e2e] [pipeline] [int4] [70b] [profile]
+#   (default: tests e2e pipeline int4 70b)
 # On the lent GPU machine (no Ray or pydantic there) unpack the carried .gpuenv first:
 #   mkdir -p /tmp/site && tar -xJf .gpuenv/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
 set -uo pipefail
@@ -8,12 +9,14 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 steps=${*:-tests e2e pipeline int4 70b}
-T_TESTS=${T_TESTS:-150} T_E2E=${T_E2E:-330} T_PIPE=${T_PIPE:-200} T_INT4=${T_INT4:-200} T_70B=${T_70B:-240}
+T_TESTS=${T_TESTS:-240} T_E2E=${T_E2E:-330} T_PIPE=${T_PIPE:-200} T_INT4=${T_INT4:-200} T_70B=${T_70B:-240}
 TEXTS=${TEXTS:-2048}
 for s in $steps; do
   echo "=== $s $(date -u +%H:%M:%S)"
   case $s in
     tests) timeout $T_TESTS python -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    int4tests) timeout $T_TESTS python -m pytest -q -x -m gpu -p no:cacheprovider tests/int4 2>&1 | tee "$OUT/int4_tests.log" | tail -15 ;;
+    profile) timeout ${T_PROFILE:-150} python benchmarks/profile_layers.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | tail -60 ;;
     e2e) timeout $T_E2E python benchmarks/e2e.py --texts "$TEXTS" --peers "${PEERS:-both}" ${VARIANTS:+--variants "$VARIANTS"} 2>&1 | tee "$OUT/e2e.log" | grep -v "^Row(" ;;
     pipeline) timeout $T_PIPE python benchmarks/pipeline_gpu.py --texts "$TEXTS" --shards 8 2>&1 | grep -v "^\[scorer" | tee "$OUT/pipeline.log" | tail -12 ;;
     int4) timeout $T_INT4 python benchmarks/int4.py --out "$OUT" 2>&1 | tee "$OUT/int4_bench.log" | tail -5 ;;

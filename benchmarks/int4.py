@@ -10,7 +10,8 @@ dequantized bf16 weights: max probability difference, weight memory, forward tim
 
 Timing: CUDA events around replays of a captured CUDA graph (GPU time; host launch overhead, ~30-50 us
 per CuPy launch, is not measured), median of several replays after a warm-up, random data, and for
-layers that fit in L2 the weights and inputs rotate over enough copies to exceed it.
+layers that fit in L2 the weights and inputs rotate over enough copies to exceed it. At m >= 1024 the
+four GEMM variants are timed in turns (5 rounds), so clock drift under long GEMMs hits them alike.
 """
 
 from __future__ import annotations
@@ -74,13 +75,26 @@ def gpu_time(fns, reps: int = 7) -> float:
     return statistics.median(times)
 
 
-def quant_layer(k: int, n: int, dtype=torch.float16) -> Int4Linear:
+def interleaved(fn_lists: dict[str, list], rounds: int = 5) -> dict[str, float]:
+    """Median seconds of each entry, measured in turns (A B C A B C ...): clock and power drift over a
+    long run then hits every entry alike, not the one that happened to run last."""
+    times: dict[str, list[float]] = {k: [] for k in fn_lists}
+    for _ in range(rounds):
+        for k, fns in fn_lists.items():
+            times[k].append(gpu_time(fns, reps=3))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def quant_layer(k: int, n: int, dtype=torch.float16, act_order: bool = True) -> Int4Linear:
     from model_check import random_gptq
 
-    qc = QuantConfig(bits=4, group_size=128, desc_act=True, sym=True, checkpoint_format="gptq")
+    qc = QuantConfig(bits=4, group_size=128, desc_act=act_order, sym=True, checkpoint_format="gptq")
     with torch.device("meta"):
         lin = Int4Linear(k, n, False, qc)
-    lin.load_state_dict(random_gptq(k, n, "cuda"), assign=True)
+    state = random_gptq(k, n, "cuda")
+    if not act_order:
+        state["g_idx"] = torch.arange(k, device="cuda", dtype=torch.int32) // 128
+    lin.load_state_dict(state, assign=True)
     lin.prepare(dtype)
     assert lin.backend == "cuda", "CuPy kernels not available"
     return lin
@@ -91,30 +105,49 @@ def copy_weight(w: int4.Int4Weight) -> int4.Int4Weight:
                            None if w.perm is None else w.perm.clone(), None, w.k, w.n, w.group16)
 
 
+def rotated(w: int4.Int4Weight) -> list[int4.Int4Weight]:
+    qbytes = int4.bandwidth_bytes(w) - w.k * w.n * 2  # packed bytes one pass reads
+    return [w] + [copy_weight(w) for _ in range(max(1, math.ceil(ROTATE_BYTES / qbytes)) - 1)]
+
+
 def bench_shape(k: int, n: int, ms: list[int]) -> tuple[list[dict], dict]:
     lin = quant_layer(k, n)
     w = lin._weight()
     dense = lin.dequantized_weight()  # (N, K) fp16, the same values
-    qbytes = int4.bandwidth_bytes(w) - k * n * 2  # packed bytes one pass reads (for rotation)
-    nq = max(1, math.ceil(ROTATE_BYTES / qbytes))
+    ws = rotated(w)
+    nq = len(ws)
     nd = max(1, math.ceil(ROTATE_BYTES / dense.numel() / 2))
-    ws = [w] + [copy_weight(w) for _ in range(nq - 1)]
     ds = [dense] + [dense.clone() for _ in range(nd - 1)]
+    dkn = [d.t().contiguous() for d in ds]  # (K, N): the NN layout the act-order path multiplies
+    lin_s = quant_layer(k, n, act_order=False)  # static groups: dequant W^T + cuBLAS TN, no permutation
+    wss = rotated(lin_s._weight())
     cross = int4.crossover(w)
 
-    # dequant bandwidth (into the shared scratch, as the large-m path does)
+    # dequant bandwidth (into the shared scratch, as the large-m path does): both kernels
     s = int4._get_scratch(dense.device, k * n * 2)
-    scratch = s.buf[: k * n * 2].view(torch.float16).view(n, k)
-    t_dq = gpu_time([lambda wi=wi: int4.dequant(wi, scratch) for wi in ws])
+    scratch = s.buf[: k * n * 2].view(torch.float16)
+    t_dq = gpu_time([lambda wi=wi: int4.dequant(wi, scratch.view(n, k)) for wi in wss])
+    t_dqr = gpu_time([lambda wi=wi: int4.dequant_rows(wi, scratch.view(k, n)) for wi in ws])
     info = {"K": k, "N": n, "crossover_m": cross, "dequant_us": t_dq * 1e6,
-            "dequant_TBps": int4.bandwidth_bytes(w) / t_dq / 1e12}
+            "dequant_TBps": int4.bandwidth_bytes(w) / t_dq / 1e12, "dequant_rows_us": t_dqr * 1e6,
+            "dequant_rows_TBps": int4.bandwidth_bytes(w) / t_dqr / 1e12}
 
     rows = []
     for m in ms:
-        nx = max(1, min(len(ws), 8))
+        nx = max(1, min(nq, 8))
         xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(nx)]
-        t_cublas = gpu_time([lambda i=i: F.linear(xs[i % nx], ds[i % nd]) for i in range(max(nd, nx))])
-        t_ours = gpu_time([lambda i=i: int4.matmul(xs[i % nx], ws[i % nq]) for i in range(max(nq, nx))])
+        cublas_fns = [lambda i=i: F.linear(xs[i % nx], ds[i % nd]) for i in range(max(nd, nx))]
+        ours_fns = [lambda i=i: int4.matmul(xs[i % nx], ws[i % nq]) for i in range(max(nq, nx))]
+        big = {}
+        if m >= 1024:  # long GEMMs: interleave with cuBLAS NN alone and the static-group (TN) layer
+            big = interleaved({
+                "cublas": cublas_fns, "ours": ours_fns,
+                "nn": [lambda i=i: torch.mm(xs[i % nx], dkn[i % nd]) for i in range(max(nd, nx))],
+                "static": [lambda i=i: int4.matmul(xs[i % nx], wss[i % len(wss)]) for i in range(max(len(wss), nx))],
+            })
+            t_cublas, t_ours = big["cublas"], big["ours"]
+        else:
+            t_cublas, t_ours = gpu_time(cublas_fns), gpu_time(ours_fns)
         row = {"K": k, "N": n, "m": m, "cublas_fp16_us": t_cublas * 1e6, "int4_us": t_ours * 1e6,
                "speedup": t_cublas / t_ours,
                "path": "fused" if m <= min(cross, int4.MAX_FUSED_M) else "dequant+cuBLAS"}
@@ -124,26 +157,41 @@ def bench_shape(k: int, n: int, ms: list[int]) -> tuple[list[dict], dict]:
                                         for i in range(max(nq, nx))]) * 1e6
             row["dequant_mm_us"] = gpu_time([lambda i=i: int4.dequant_matmul(xs[i % nx], ws[i % nq])
                                              for i in range(max(nq, nx))]) * 1e6
+            if m <= int4.GEMV_MAX_M:  # the split-K kernel that gemv replaced there, same run
+                row["tiles_us"] = gpu_time([lambda i=i: int4.gemm_tiles(xs[i % nx], ws[i % nq], out)
+                                            for i in range(max(nq, nx))]) * 1e6
+                row["fused_TBps"] = (int4.bandwidth_bytes(w) - k * n * 2) / (row["fused_us"] * 1e-6) / 1e12
+        if big:  # where the large-m time goes: cuBLAS NN alone, and the static-group (TN) path
+            row["cublas_nn_us"] = big["nn"] * 1e6
+            row["static_us"] = big["static"] * 1e6
+            row["static_speedup"] = t_cublas / big["static"]
         rows.append(row)
         del xs
-    del ws, ds, lin
+    del ws, ds, dkn, wss, lin, lin_s
     torch.cuda.empty_cache()
     return rows, info
 
 
 def markdown(rows: list[dict], infos: list[dict], model: dict | None, device: str) -> str:
+    f1 = lambda r, key: f"{r[key]:.1f}" if key in r else ""  # noqa: E731
     lines = [f"### 4-bit GPTQ path on {device} (torch {torch.__version__})", "",
-             "| K x N | m | fp16 cuBLAS us | 4-bit us | speedup | path | fused us | dequant+mm us |",
-             "|---|---:|---:|---:|---:|---|---:|---:|"]
+             "g128 act-order; speedup = fp16 cuBLAS / 4-bit. fused = what the fused path runs (gemv for m <= 16), "
+             "tiles = the split-K kernel at the same m; at m >= 1024: cuBLAS NN alone (the act-order path's GEMM) "
+             "and the static-group layer (dequant W^T + cuBLAS TN).", "",
+             "| K x N | m | fp16 cuBLAS us | 4-bit us | speedup | path | fused us | fused TB/s | tiles us "
+             "| dequant+mm us | cuBLAS NN us | static 4-bit us | static speedup |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        f = f"{r['fused_us']:.1f}" if "fused_us" in r else ""
-        d = f"{r['dequant_mm_us']:.1f}" if "dequant_mm_us" in r else ""
+        tb = f"{r['fused_TBps']:.2f}" if "fused_TBps" in r else ""
+        ss = f"{r['static_speedup']:.2f}x" if "static_speedup" in r else ""
         lines.append(f"| {r['K']}x{r['N']} | {r['m']} | {r['cublas_fp16_us']:.1f} | {r['int4_us']:.1f} | "
-                     f"{r['speedup']:.2f}x | {r['path']} | {f} | {d} |")
-    lines += ["", "| K x N | dequant us | dequant TB/s (read + write) | crossover m (measured) |",
-              "|---|---:|---:|---:|"]
+                     f"{r['speedup']:.2f}x | {r['path']} | {f1(r, 'fused_us')} | {tb} | {f1(r, 'tiles_us')} | "
+                     f"{f1(r, 'dequant_mm_us')} | {f1(r, 'cublas_nn_us')} | {f1(r, 'static_us')} | {ss} |")
+    lines += ["", "| K x N | dequant (TN, static) us | TB/s (read + write) | dequant_rows (NN, act-order) us | TB/s "
+              "| crossover m (measured) |", "|---|---:|---:|---:|---:|---:|"]
     for i in infos:
-        lines.append(f"| {i['K']}x{i['N']} | {i['dequant_us']:.1f} | {i['dequant_TBps']:.2f} | {i['crossover_m']} |")
+        lines.append(f"| {i['K']}x{i['N']} | {i['dequant_us']:.1f} | {i['dequant_TBps']:.2f} | "
+                     f"{i['dequant_rows_us']:.1f} | {i['dequant_rows_TBps']:.2f} | {i['crossover_m']} |")
     if model:
         lines += ["", f"Whole model (Llama-3-8B shape, {model['layers']} layers, g128 act-order, random weights) "
                   f"vs the same model with dequantized bf16 weights: max |prob diff| {model['max_prob_diff']:.2e} "

@@ -191,8 +191,9 @@ class Variant:
 DEFAULT_VARIANTS = "bf16+padded+unfused,bf16,bf16+compile,int4,int4+compile"
 
 
-def random_scorer(shape: str, v: Variant, max_batch_tokens: int) -> Any:
-    """A Scorer over a random-weight model built on the GPU (no checkpoint written: 16 GB of disk saved)."""
+def random_scorer(shape: str, v: Variant, max_batch_tokens: int, layers: int | None = None) -> Any:
+    """A Scorer over a random-weight model built on the GPU (no checkpoint written: 16 GB of disk saved);
+    `layers` overrides the shape's layer count (profiles of a few layers)."""
     from scorer.api import Scorer, Settings
     from scorer.model.config import LlamaConfig
     from scorer.model.heads import ScoringModel
@@ -200,6 +201,8 @@ def random_scorer(shape: str, v: Variant, max_batch_tokens: int) -> Any:
     from scorer.model.quant_config import QuantConfig
 
     d = hf_config(shape)
+    if layers is not None:
+        d["num_hidden_layers"] = layers
     if v.quantized:
         d["quantization_config"] = dict(quant_method="gptq", bits=4, group_size=128, desc_act=True, sym=True,
                                         checkpoint_format="gptq")

@@ -1,0 +1,123 @@
+"""Tuning sweep of int4_gemv (the m <= 16 fused kernel): variants of its build knobs and host layout,
+timed by CUDA-graph replay on Llama layer shapes, main loop alone and with the fix-up.
+
+    python benchmarks/gemv_sweep.py [--variants base,inline,...] [--ncu]
+
+A variant is build options (GEMV_D1/GEMV_D2 tiles in flight for m <= 8 / <= 16, GEMV_WARPS per block)
+plus host choices (min_chunk tiles per warp, inline fix-up). --ncu launches each kernel once, for
+`ncu --kernel-name regex:int4_gemv`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests" / "int4"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from scorer.kernels import int4  # noqa: E402
+
+VARIANTS = {  # name: (D1, D2, warps per block, min_chunk, inline fix-up, B1, B2, PF)
+    "base": (8, 4, 4, 16, False, 4, 4, 0),
+    "d6": (6, 3, 4, 16, False, 4, 4, 0),
+    "pf16": (8, 4, 4, 16, False, 4, 4, 16),
+    "d6pf24": (6, 3, 4, 16, False, 4, 4, 24),
+    "d4b6pf16": (4, 4, 4, 16, False, 6, 4, 16),
+    "d4b5pf16": (4, 4, 4, 16, False, 5, 4, 16),
+    "d6b5pf16": (6, 3, 4, 16, False, 5, 4, 16),
+}
+SHAPES = [(8192, 57344), (28672, 8192), (4096, 28672), (14336, 4096), (4096, 4096), (4096, 6144)]
+
+
+def build(d1: int, d2: int, warps: int, b1: int, b2: int, pf: int):
+    import cupy
+
+    names = [f"int4_gemv<0, {mt}>" for mt in (1, 2)] + [f"int4_gemv_fix<0, {mt}>" for mt in (1, 2)]
+    opts = ("-std=c++17", f"-DGEMV_D1={d1}", f"-DGEMV_D2={d2}", f"-DGEMV_WARPS={warps}", f"-DGEMV_B1={b1}",
+            f"-DGEMV_B2={b2}", f"-DGEMV_PF={pf}")
+    return cupy.RawModule(code=int4.SOURCE.read_text(), options=opts, name_expressions=names)
+
+
+def launcher(mod, variant, w: int4.Int4Weight, x: torch.Tensor, out: torch.Tensor, ws: torch.Tensor,
+             counters: torch.Tensor, main_only: bool):
+    d1, d2, warps_per_block, min_chunk, inline, b1, b2, _ = variant
+    m = x.shape[0]
+    kp, np_ = int4.padded(w.k, w.n)
+    nbk, kt = w.qweight.shape[:2]
+    mt = int4.mt_of(m)
+    wave = warps_per_block * (b1 if mt == 1 else b2)
+    chunk, warps, pmax = int4.gemv_layout(nbk, kt, torch.cuda.get_device_properties(0).multi_processor_count,
+                                          min_chunk, wave)
+    fn = mod.get_function(f"int4_gemv<0, {mt}>")
+    fix = mod.get_function(f"int4_gemv_fix<0, {mt}>")
+    p = lambda t: np.uint64(0 if t is None else t.data_ptr())  # noqa: E731
+    args = (p(x), p(w.qweight), p(w.scales), p(w.qzeros), p(None), p(out), p(ws), p(counters), np.int32(m),
+            np.int32(kp), np.int32(w.n), np.int32(np_), np.int32(kt), np.int32(w.n_groups), np.int32(w.group16),
+            np.int32(chunk), np.int32(pmax), np.int32(int(inline)))
+    fargs = (p(ws), p(None), p(out), np.int32(m), np.int32(w.n), np.int32(np_), np.int32(kt), np.int32(chunk),
+             np.int32(pmax))
+
+    def run():
+        with int4._stream(x.device):
+            fn((-(-warps // warps_per_block),), (32 * warps_per_block,), args)
+            if not inline and not main_only:
+                fix((-(-(nbk * m * 32) // 256),), (256,), fargs)
+
+    return run, pmax
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--ncu", action="store_true")
+    args = ap.parse_args()
+    from int4 import gpu_time, quant_layer, rotated  # benchmarks/int4.py
+
+    names = args.variants.split(",")
+    mods = {n: build(*VARIANTS[n][:3], *VARIANTS[n][5:]) for n in names}
+    ws = torch.zeros(64 * 2**20, dtype=torch.float32, device="cuda")
+    counters = torch.zeros(4096, dtype=torch.int32, device="cuda")
+    print(f"# {torch.cuda.get_device_name()}: int4_gemv sweep, fp16, g128 act-order (x pre-gathered)\n")
+    print("| K x N | m | variant | main us | main TB/s | main + fix us | TB/s | x ref rel err |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for k, n in SHAPES:
+        lin = quant_layer(k, n)
+        w0 = lin._weight()
+        wsl = rotated(w0)
+        dense = lin.dequantized_weight().float()
+        qbytes = int4.bandwidth_bytes(w0) - k * n * 2
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            xs = x[:, w0.perm.long()].contiguous()  # what gemv gathers first under act-order
+            ref = x.float() @ dense.t()
+            out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+            for name in names:
+                v = VARIANTS[name]
+                runs = [launcher(mods[name], v, wi, xs, out, ws, counters, False)[0] for wi in wsl]
+                if args.ncu:
+                    runs[0]()
+                    torch.cuda.synchronize()
+                    continue
+                mains = [launcher(mods[name], v, wi, xs, out, ws, counters, True)[0] for wi in wsl]
+                out.fill_(float("nan"))
+                runs[0]()
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                t_main = gpu_time(mains)
+                t_all = gpu_time(runs)
+                inl = " (inline)" if v[4] else ""
+                print(f"| {k}x{n} | {m} | {name}{inl} | {t_main * 1e6:.1f} | {qbytes / t_main / 1e12:.2f} | "
+                      f"{t_all * 1e6:.1f} | {qbytes / t_all / 1e12:.2f} | {err:.1e} |", flush=True)
+        del lin, wsl, dense
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Where a forward's GPU time goes, by kernel family: scorer variants on a few Llama-3-8B-shaped layers.
+
+    python benchmarks/profile_layers.py [--layers 4] [--tokens 16384] [--variants bf16+compile,int4+compile]
+
+One packed batch of synthetic lengths (the benchmark's log-normal mix) up to `tokens` real tokens, two
+warm-up forwards, then one forward under torch.profiler. Kernel time is summed by family (cuBLAS GEMM,
+flash attention, Triton/inductor fused elementwise, int4 CuPy kernels, the rest) and the top kernels are
+listed, so two variants can be compared kernel by kernel in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+FAMILIES = [  # first match wins
+    ("int4", re.compile(r"int4_")),
+    ("attention", re.compile(r"flash_fwd|fmha", re.I)),  # the flash-attention kernel (its name says cutlass)
+    ("gemm", re.compile(r"gemm|nvjet|sm90_xmma|cutlass|cublas|xmma", re.I)),
+    ("triton", re.compile(r"triton", re.I)),  # inductor's fused elementwise kernels (RoPE, SwiGLU, norms)
+]
+
+
+def family(name: str) -> str:
+    return next((f for f, rx in FAMILIES if rx.search(name)), "other")
+
+
+def profile(spec: str, layers: int, tokens: int) -> dict:
+    from scorer.api import Encoded
+    from scorer.bench import SHAPES, Variant, random_scorer, synthetic_ids, synthetic_lengths
+
+    nn_layout = spec.endswith("+nn")  # experiment: dense weights stored (K, N), so nn.Linear runs cuBLAS NN
+    v = Variant.parse(spec.removesuffix("+nn"))
+    sc = random_scorer("8b", v, max_batch_tokens=tokens, layers=layers)
+    if nn_layout:
+        for mod in sc.model.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.data = mod.weight.data.t().contiguous().t()
+    lengths = synthetic_lengths(4096)
+    keep = lengths[np.cumsum(lengths) <= tokens]  # one batch of about `tokens` real tokens
+    ids = synthetic_ids(keep, SHAPES["8b"]["vocab_size"])
+    enc = Encoded(ids, keep.astype(np.int32), np.zeros(len(ids), dtype=bool), [None] * len(ids))
+    for _ in range(2):
+        sc.score_encoded(enc)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        sc.score_encoded(enc)
+        torch.cuda.synchronize()
+    per_family: dict[str, float] = defaultdict(float)
+    per_kernel: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            per_family[family(e.name)] += us
+            per_kernel[e.name] += us
+    del sc
+    torch.cuda.empty_cache()
+    return dict(spec=spec, tokens=int(keep.sum()), rows=len(ids), families=dict(per_family), kernels=dict(per_kernel))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--variants", default="bf16+compile,bf16+compile+nn,int4+compile")
+    ap.add_argument("--top", type=int, default=12)
+    args = ap.parse_args()
+    results = [profile(s.strip(), args.layers, args.tokens) for s in args.variants.split(",")]
+    print(f"# {torch.cuda.get_device_name()}, {args.layers} layers, GPU time of one forward (us)\n")
+    fams = ["gemm", "attention", "triton", "int4", "other"]
+    print("| variant | tokens | total | " + " | ".join(fams) + " |")
+    print("|---|---:|---:|" + "---:|" * len(fams))
+    for r in results:
+        tot = sum(r["families"].values())
+        print(f"| {r['spec']} | {r['tokens']} | {tot:,.0f} | "
+              + " | ".join(f"{r['families'].get(f, 0):,.0f}" for f in fams) + " |")
+    for r in results:
+        print(f"\n## {r['spec']}: top kernels\n")
+        for name, us in sorted(r["kernels"].items(), key=lambda kv: -kv[1])[: args.top]:
+            print(f"- {us:9,.0f} us  [{family(name)}] {name[:150]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
