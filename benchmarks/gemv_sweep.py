@@ -24,30 +24,30 @@ import torch  # noqa: E402
 
 from scorer.kernels import int4  # noqa: E402
 
-VARIANTS = {  # name: (D1, D2, warps per block, min_chunk, inline fix-up, B1, B2, PF)
-    "base": (8, 4, 4, 16, False, 4, 4, 0),
-    "d6": (6, 3, 4, 16, False, 4, 4, 0),
-    "pf16": (8, 4, 4, 16, False, 4, 4, 16),
-    "d6pf24": (6, 3, 4, 16, False, 4, 4, 24),
-    "d4b6pf16": (4, 4, 4, 16, False, 6, 4, 16),
-    "d4b5pf16": (4, 4, 4, 16, False, 5, 4, 16),
-    "d6b5pf16": (6, 3, 4, 16, False, 5, 4, 16),
+VARIANTS = {  # name: (build options, min_chunk, inline fix-up); B1/B2 (blocks per SM) also size the wave
+    "reg": (dict(RING=0, D1=4, D2=4, B1=5, B2=4, PF=16), 16, False),
+    "smem8": (dict(RING=1, S1=8, S2=8, B1=6, B2=5, PF=16), 16, False),
+    "smem8b8": (dict(RING=1, S1=8, S2=8, B1=8, B2=5, PF=16), 16, False),
+    "smem8b8nopf": (dict(RING=1, S1=8, S2=8, B1=8, B2=5, PF=0), 16, False),
+    "smem12": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0), 16, False),
+    "smem6b8c8": (dict(RING=1, S1=6, S2=6, B1=8, B2=5, PF=16), 8, False),
+    "smem8b8inl": (dict(RING=1, S1=8, S2=8, B1=8, B2=5, PF=16), 16, True),
 }
 SHAPES = [(8192, 57344), (28672, 8192), (4096, 28672), (14336, 4096), (4096, 4096), (4096, 6144)]
 
 
-def build(d1: int, d2: int, warps: int, b1: int, b2: int, pf: int):
+def build(opts_: dict):
     import cupy
 
     names = [f"int4_gemv<0, {mt}>" for mt in (1, 2)] + [f"int4_gemv_fix<0, {mt}>" for mt in (1, 2)]
-    opts = ("-std=c++17", f"-DGEMV_D1={d1}", f"-DGEMV_D2={d2}", f"-DGEMV_WARPS={warps}", f"-DGEMV_B1={b1}",
-            f"-DGEMV_B2={b2}", f"-DGEMV_PF={pf}")
+    opts = ("-std=c++17", f"-DGEMV_WARPS={int4.GEMV_WARPS}") + tuple(f"-DGEMV_{k}={v}" for k, v in opts_.items())
     return cupy.RawModule(code=int4.SOURCE.read_text(), options=opts, name_expressions=names)
 
 
 def launcher(mod, variant, w: int4.Int4Weight, x: torch.Tensor, out: torch.Tensor, ws: torch.Tensor,
              counters: torch.Tensor, main_only: bool):
-    d1, d2, warps_per_block, min_chunk, inline, b1, b2, _ = variant
+    opts, min_chunk, inline = variant
+    warps_per_block, b1, b2 = int4.GEMV_WARPS, opts["B1"], opts["B2"]
     m = x.shape[0]
     kp, np_ = int4.padded(w.k, w.n)
     nbk, kt = w.qweight.shape[:2]
@@ -81,7 +81,7 @@ def main() -> int:
     from int4 import gpu_time, quant_layer, rotated  # benchmarks/int4.py
 
     names = args.variants.split(",")
-    mods = {n: build(*VARIANTS[n][:3], *VARIANTS[n][5:]) for n in names}
+    mods = {n: build(VARIANTS[n][0]) for n in names}
     ws = torch.zeros(64 * 2**20, dtype=torch.float32, device="cuda")
     counters = torch.zeros(4096, dtype=torch.int32, device="cuda")
     print(f"# {torch.cuda.get_device_name()}: int4_gemv sweep, fp16, g128 act-order (x pre-gathered)\n")
@@ -111,7 +111,7 @@ def main() -> int:
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 t_main = gpu_time(mains)
                 t_all = gpu_time(runs)
-                inl = " (inline)" if v[4] else ""
+                inl = " (inline)" if v[2] else ""
                 print(f"| {k}x{n} | {m} | {name}{inl} | {t_main * 1e6:.1f} | {qbytes / t_main / 1e12:.2f} | "
                       f"{t_all * 1e6:.1f} | {qbytes / t_all / 1e12:.2f} | {err:.1e} |", flush=True)
         del lin, wsl, dense

@@ -163,6 +163,9 @@ __device__ __forceinline__ void cp_async8_zfill(void* dst, const void* src, bool
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 8 : 0)
                : "memory");
 }
+__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
@@ -481,27 +484,38 @@ __global__ void __launch_bounds__(Cfg<MT>::KW * 32)
 #ifndef GEMV_WARPS
 #define GEMV_WARPS 4  // warps per block (scorer.kernels.int4 mirrors it)
 #endif
-// Defaults from benchmarks/gemv_sweep.py on an H200 (benchmarks/RESULTS.md): the warps are latency-bound
-// (ncu: ~60% of cycles on long scoreboard), so more resident warps (5 blocks a SM at <= 102 registers)
-// with an L2 prefetch stream ahead of a short register ring beat a deep ring at 4 blocks a SM.
+// Defaults from benchmarks/gemv_sweep.py on an H200 (benchmarks/RESULTS.md). The warps are latency-bound
+// (ncu on the register ring: ~60% of cycles on long scoreboard at 25% occupancy), so the tiles in flight
+// live in a 12-stage shared-memory ring per warp, filled by cp.async, which frees the registers for 6
+// blocks a SM at m <= 8. More blocks (8), fewer stages or an extra L2 prefetch stream measured slower.
+#ifndef GEMV_RING
+#define GEMV_RING 1  // 0: tiles in flight in registers (D of them); 1: in shared memory by cp.async (S)
+#endif
 #ifndef GEMV_D1
-#define GEMV_D1 4  // tiles in flight per warp in registers, m <= 8
+#define GEMV_D1 4  // register ring: tiles in flight per warp, m <= 8
 #endif
 #ifndef GEMV_D2
 #define GEMV_D2 4  // the same, m <= 16
 #endif
+#ifndef GEMV_S1
+#define GEMV_S1 12  // shared-memory ring: stages per warp, m <= 8 (4 warps x 12 x 768 B = 36 KB a block)
+#endif
+#ifndef GEMV_S2
+#define GEMV_S2 12  // m <= 16 (4 x 12 x 1024 B = 48 KB, the static limit)
+#endif
 #ifndef GEMV_B1
-#define GEMV_B1 5  // blocks per SM the register budget must allow (launch bounds), m <= 8
+#define GEMV_B1 6  // blocks per SM the launch bounds ask registers for, m <= 8
 #endif
 #ifndef GEMV_B2
-#define GEMV_B2 4  // (5 spills at m <= 16)
+#define GEMV_B2 4  // m <= 16
 #endif
 #ifndef GEMV_PF
-#define GEMV_PF 16  // > 0: also prefetch into L2 the tile this many ahead of the one being fetched
+#define GEMV_PF 0  // > 0: also prefetch into L2 the tile this many ahead of the one being fetched
 #endif
 template <int MT> struct GemvCfg {
   static constexpr int D = MT == 1 ? GEMV_D1 : GEMV_D2;
   static constexpr int B = MT == 1 ? GEMV_B1 : GEMV_B2;
+  static constexpr int S = MT == 1 ? GEMV_S1 : GEMV_S2;
   static constexpr int PIECE = MT * 8 * 64;  // floats of one partial: [8 MT rows][64 columns]
 };
 static constexpr u32 ONE16 = 0x2C002C00u;  // fp16 1/16 in each half
@@ -581,7 +595,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
               const u32* __restrict__ qzeros, const u16* __restrict__ bias, u16* __restrict__ y,
               float* __restrict__ ws, int* __restrict__ counters, int M, int ldx, int N, int Np, int KT, int G,
               int gs16, int chunk, int pmax, int fix_inline) {
-  constexpr int D = GemvCfg<MT>::D, PIECE = GemvCfg<MT>::PIECE;
+  constexpr int PIECE = GemvCfg<MT>::PIECE;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int gw = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
   const int nbk = Np >> 6, total = nbk * KT;
@@ -623,25 +637,6 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
   int nkt = grp + 1 < G ? (grp + 1) * gs16 : KT;  // next event: a new group, or (== KT) the block's end
   if (grp + 1 < G) load_group(nb, grp + 1); else load_group(nb + 1, 0);
 
-  // ---- the ring of tiles in flight
-  const uint4* wp = wq + (size_t)beg * 32 + lane;
-  const int xwrap = 16 * KT;
-  int fetched = beg, xoff = 16 * kt;  // next tile to fetch, its x column offset (wraps at 16 KT)
-  uint4 wb[D];
-  uint2 xb[D][MT];
-  auto fetch = [&](uint4& wd, uint2 (&xd)[MT]) {
-    if (fetched < end) {
-      if (GEMV_PF > 0 && fetched + GEMV_PF < end) prefetch_l2(wp + GEMV_PF * 32);
-      wd = ld_stream_v4(wp);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) xd[mt] = ld_v2(xrow[mt] + xoff);
-      wp += 32;
-      ++fetched;
-      xoff += 16;
-      xoff = xoff == xwrap ? 0 : xoff;
-    }
-  };
-
   float acc[4][MT][4];
 #pragma unroll
   for (int j = 0; j < 4; ++j)
@@ -649,7 +644,6 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[j][mt][r] = 0.f;
-
   // C fragment: acc[j][mt] = {y[m][n], y[m+1][n], y[m][n+1], y[m+1][n+1]}, m = 8mt + 2t, n = 8g + 2j
   auto flush = [&]() {  // this warp's piece of column block nb is complete
     const int w_lo = (nb * KT) / chunk, w_hi = ((nb + 1) * KT - 1) / chunk;
@@ -679,49 +673,120 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
     }
   };
 
+
+  // One tile: dequant (bit-exact, as int4_dequant), MT x 4 mma, then the group / column-block events.
+  auto consume = [&](const uint4& wv, const u32 (&xv)[MT][2]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const u32 w = word(wv, j);
+      u32 a[4];
+      if constexpr (DT == 0) {
+        const u32 w8 = w >> 8, magic = Tr<0>::MAGIC;
+        a[0] = fma2<0>(fma2<0>(zc[2 * j], Tr<0>::NEG1, and_or(w, 0x000F000Fu, magic)), sc[2 * j], NEG0);
+        a[1] = fma2<0>(fma2<0>(and_or(w, 0x00F000F0u, magic), ONE16, zc[2 * j + 1]), sc[2 * j + 1], NEG0);
+        a[2] = fma2<0>(fma2<0>(zc[2 * j], Tr<0>::NEG1, and_or(w8, 0x000F000Fu, magic)), sc[2 * j], NEG0);
+        a[3] = fma2<0>(fma2<0>(and_or(w8, 0x00F000F0u, magic), ONE16, zc[2 * j + 1]), sc[2 * j + 1], NEG0);
+      } else {
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          const u32 raw = and_or(w >> (4 * s), 0x000F000Fu, Tr<1>::MAGIC);
+          a[s] = fma2<1>(fma2<1>(zc[2 * j + (s & 1)], Tr<1>::NEG1, raw), sc[2 * j + (s & 1)], NEG0);
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) mma16816<DT>(acc[j][mt], a, xv[mt][0], xv[mt][1]);
+    }
+    if (++kt == nkt) {  // rare: a new group, or this column block's end
+      if (kt == KT) {
+        flush();
+        ++nb;
+        kt = 0;
+        grp = 0;
+      } else {
+        ++grp;
+      }
+      take_group();  // loaded while the previous group ran
+      nkt = grp + 1 < G ? (grp + 1) * gs16 : KT;
+      if (grp + 1 < G) load_group(nb, grp + 1); else load_group(nb + 1, 0);
+    }
+  };
+
+  const uint4* wp = wq + (size_t)beg * 32 + lane;  // the next tile to fetch (all tiles are in memory order)
+  const int xwrap = 16 * KT;
+  int fetched = beg, xoff = 16 * kt;  // its index, and its x column offset (wraps at 16 KT)
+#if GEMV_RING == 0
+  // ---- ring of D tiles in registers, refilled right after each is consumed
+  constexpr int D = GemvCfg<MT>::D;
+  uint4 wb[D];
+  uint2 xb[D][MT];
+  auto fetch = [&](uint4& wd, uint2 (&xd)[MT]) {
+    if (fetched < end) {
+      if (GEMV_PF > 0 && fetched + GEMV_PF < end) prefetch_l2(wp + GEMV_PF * 32);
+      wd = ld_stream_v4(wp);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) xd[mt] = ld_v2(xrow[mt] + xoff);
+      wp += 32;
+      ++fetched;
+      xoff += 16;
+      xoff = xoff == xwrap ? 0 : xoff;
+    }
+  };
 #pragma unroll
   for (int d = 0; d < D; ++d) fetch(wb[d], xb[d]);
-
   for (int i = beg; i < end; i += D) {
 #pragma unroll
     for (int d = 0; d < D; ++d) {
       if (i + d < end) {
+        u32 xv[MT][2];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const u32 w = word(wb[d], j);
-          u32 a[4];
-          if constexpr (DT == 0) {
-            const u32 w8 = w >> 8, magic = Tr<0>::MAGIC;
-            a[0] = fma2<0>(fma2<0>(zc[2 * j], Tr<0>::NEG1, and_or(w, 0x000F000Fu, magic)), sc[2 * j], NEG0);
-            a[1] = fma2<0>(fma2<0>(and_or(w, 0x00F000F0u, magic), ONE16, zc[2 * j + 1]), sc[2 * j + 1], NEG0);
-            a[2] = fma2<0>(fma2<0>(zc[2 * j], Tr<0>::NEG1, and_or(w8, 0x000F000Fu, magic)), sc[2 * j], NEG0);
-            a[3] = fma2<0>(fma2<0>(and_or(w8, 0x00F000F0u, magic), ONE16, zc[2 * j + 1]), sc[2 * j + 1], NEG0);
-          } else {
-#pragma unroll
-            for (int s = 0; s < 4; ++s) {
-              const u32 raw = and_or(w >> (4 * s), 0x000F000Fu, Tr<1>::MAGIC);
-              a[s] = fma2<1>(fma2<1>(zc[2 * j + (s & 1)], Tr<1>::NEG1, raw), sc[2 * j + (s & 1)], NEG0);
-            }
-          }
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) mma16816<DT>(acc[j][mt], a, xb[d][mt].x, xb[d][mt].y);
+        for (int mt = 0; mt < MT; ++mt) {
+          xv[mt][0] = xb[d][mt].x;
+          xv[mt][1] = xb[d][mt].y;
         }
+        consume(wb[d], xv);
         fetch(wb[d], xb[d]);  // refill this slot, D tiles ahead
-        if (++kt == nkt) {    // rare: a new group, or this column block's end
-          if (kt == KT) {
-            flush();
-            ++nb;
-            kt = 0;
-            grp = 0;
-          } else {
-            ++grp;
-          }
-          take_group();  // loaded while the previous group ran
-          nkt = grp + 1 < G ? (grp + 1) * gs16 : KT;
-          if (grp + 1 < G) load_group(nb, grp + 1); else load_group(nb + 1, 0);
-        }
       }
     }
   }
+#else
+  // ---- ring of S tiles per warp in shared memory, filled by cp.async: each lane copies and later reads
+  // only its own 16 bytes of codes and 8 bytes of x per row tile, so its own wait_group is the only sync
+  constexpr int S = GemvCfg<MT>::S, STAGE = 32 * (16 + 8 * MT);
+  __shared__ __align__(16) char ring_all[GEMV_WARPS * S * STAGE];
+  char* ring = ring_all + (threadIdx.x >> 5) * S * STAGE;
+  auto issue = [&](int slot) {
+    if (fetched < end) {
+      if (GEMV_PF > 0 && fetched + GEMV_PF < end) prefetch_l2(wp + GEMV_PF * 32);
+      char* st = ring + slot * STAGE;
+      cp_async16_cg(st + 16 * lane, wp);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) cp_async8(st + 512 + mt * 256 + 8 * lane, xrow[mt] + xoff);
+      wp += 32;
+      ++fetched;
+      xoff += 16;
+      xoff = xoff == xwrap ? 0 : xoff;
+    }
+    cp_async_commit();  // an empty group past the end keeps the count uniform
+  };
+#pragma unroll
+  for (int st = 0; st < S - 1; ++st) issue(st);
+  int slot = 0;
+  for (int i = beg; i < end; ++i) {
+    cp_async_wait<S - 2>();            // this lane's copies of tile i have landed
+    issue(slot == 0 ? S - 1 : slot - 1);  // tile i + S - 1 into the slot tile i - 1 left
+    const char* st = ring + slot * STAGE;
+    const uint4 wv = *reinterpret_cast<const uint4*>(st + 16 * lane);
+    u32 xv[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const uint2 v = *reinterpret_cast<const uint2*>(st + 512 + mt * 256 + 8 * lane);
+      xv[mt][0] = v.x;
+      xv[mt][1] = v.y;
+    }
+    consume(wv, xv);
+    slot = slot + 1 == S ? 0 : slot + 1;
+  }
+  cp_async_wait<0>();
+#endif
   if (kt != 0) flush();  // the chunk ended inside a column block
 }
