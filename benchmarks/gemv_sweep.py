@@ -26,12 +26,11 @@ from scorer.kernels import int4  # noqa: E402
 
 VARIANTS = {  # name: (build options, min_chunk, inline fix-up); B1/B2 (blocks per SM) also size the wave
     "reg": (dict(RING=0, D1=4, D2=4, B1=5, B2=4, PF=16), 16, False),
-    "smem8": (dict(RING=1, S1=8, S2=8, B1=6, B2=5, PF=16), 16, False),
-    "smem8b8": (dict(RING=1, S1=8, S2=8, B1=8, B2=5, PF=16), 16, False),
-    "smem8b8nopf": (dict(RING=1, S1=8, S2=8, B1=8, B2=5, PF=0), 16, False),
-    "smem12": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0), 16, False),
-    "smem6b8c8": (dict(RING=1, S1=6, S2=6, B1=8, B2=5, PF=16), 8, False),
-    "smem8b8inl": (dict(RING=1, S1=8, S2=8, B1=8, B2=5, PF=16), 16, True),
+    "smem12": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=1), 16, False),
+    "burst2x6": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=2), 16, False),
+    "burst4x3": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=4), 16, False),
+    "burst6x2": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=6), 16, False),
+    "burst4x3c32": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=4), 32, False),
 }
 SHAPES = [(8192, 57344), (28672, 8192), (4096, 28672), (14336, 4096), (4096, 4096), (4096, 6144)]
 

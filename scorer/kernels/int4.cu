@@ -509,6 +509,9 @@ __global__ void __launch_bounds__(Cfg<MT>::KW * 32)
 #ifndef GEMV_B2
 #define GEMV_B2 4  // m <= 16
 #endif
+#ifndef GEMV_T
+#define GEMV_T 1  // shared-memory ring: tiles a cp.async group (a burst of T * 512 contiguous bytes)
+#endif
 #ifndef GEMV_PF
 #define GEMV_PF 0  // > 0: also prefetch into L2 the tile this many ahead of the one being fetched
 #endif
@@ -754,26 +757,35 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
   constexpr int S = GemvCfg<MT>::S, STAGE = 32 * (16 + 8 * MT);
   __shared__ __align__(16) char ring_all[GEMV_WARPS * S * STAGE];
   char* ring = ring_all + (threadIdx.x >> 5) * S * STAGE;
-  auto issue = [&](int slot) {
-    if (fetched < end) {
-      if (GEMV_PF > 0 && fetched + GEMV_PF < end) prefetch_l2(wp + GEMV_PF * 32);
-      char* st = ring + slot * STAGE;
-      cp_async16_cg(st + 16 * lane, wp);
+  // Tiles go in bursts of T contiguous ones (T * 512 bytes of codes) as one cp.async group each; NB bursts
+  // make the ring (S = T * NB). T = 1: one tile a group, refilled as each is consumed.
+  constexpr int T = GEMV_T, NB = S / T;
+  static_assert(S % T == 0 && NB >= 2, "the shared-memory ring holds at least two bursts");
+  auto issue_burst = [&](int first_slot) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) cp_async8(st + 512 + mt * 256 + 8 * lane, xrow[mt] + xoff);
-      wp += 32;
-      ++fetched;
-      xoff += 16;
-      xoff = xoff == xwrap ? 0 : xoff;
+    for (int u = 0; u < T; ++u) {
+      if (fetched < end) {
+        if (GEMV_PF > 0 && fetched + GEMV_PF < end) prefetch_l2(wp + GEMV_PF * 32);
+        char* st = ring + (first_slot + u) * STAGE;
+        cp_async16_cg(st + 16 * lane, wp);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) cp_async8(st + 512 + mt * 256 + 8 * lane, xrow[mt] + xoff);
+        wp += 32;
+        ++fetched;
+        xoff += 16;
+        xoff = xoff == xwrap ? 0 : xoff;
+      }
     }
     cp_async_commit();  // an empty group past the end keeps the count uniform
   };
 #pragma unroll
-  for (int st = 0; st < S - 1; ++st) issue(st);
-  int slot = 0;
+  for (int bu = 0; bu < NB - 1; ++bu) issue_burst(bu * T);
+  int slot = 0, burst = 0;  // the tile's slot, and its burst's
   for (int i = beg; i < end; ++i) {
-    cp_async_wait<S - 2>();            // this lane's copies of tile i have landed
-    issue(slot == 0 ? S - 1 : slot - 1);  // tile i + S - 1 into the slot tile i - 1 left
+    if (slot == burst * T) {  // the first tile of a burst
+      cp_async_wait<NB - 2>();  // this lane's copies of this burst have landed
+      issue_burst((burst == 0 ? NB - 1 : burst - 1) * T);  // NB - 1 bursts ahead, where the last one was
+    }
     const char* st = ring + slot * STAGE;
     const uint4 wv = *reinterpret_cast<const uint4*>(st + 16 * lane);
     u32 xv[MT][2];
@@ -784,7 +796,8 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
       xv[mt][1] = v.y;
     }
     consume(wv, xv);
-    slot = slot + 1 == S ? 0 : slot + 1;
+    if (++slot == S) slot = 0;
+    if (slot == burst * T + T || slot == 0) burst = slot / T;
   }
   cp_async_wait<0>();
 #endif
