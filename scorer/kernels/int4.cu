@@ -145,6 +145,15 @@ template <int DT> __device__ __forceinline__ u32 dq(u32 w, int s, u32 zz, u32 ss
   return fma2<DT>(fma2<DT>(zz, Tr<DT>::NEG1, raw), ss, NEG0);
 }
 
+template <int MT> __device__ __forceinline__ void zero_acc(float (&acc)[4][MT][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[j][mt][r] = 0.f;
+}
+
 __device__ __forceinline__ u32 smem_addr(const void* p) {
   u32 r;
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
@@ -332,12 +341,7 @@ __global__ void __launch_bounds__(Cfg<MT>::KW * 32)
   };
 
   float acc[4][MT][4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[j][mt][r] = 0.f;
+  zero_acc<MT>(acc);
 
   int cur = -1;
   u32 ss[8], zz[8];
@@ -641,12 +645,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
   if (grp + 1 < G) load_group(nb, grp + 1); else load_group(nb + 1, 0);
 
   float acc[4][MT][4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[j][mt][r] = 0.f;
+  zero_acc<MT>(acc);
   // C fragment: acc[j][mt] = {y[m][n], y[m+1][n], y[m][n+1], y[m+1][n+1]}, m = 8mt + 2t, n = 8g + 2j
   auto flush = [&]() {  // this warp's piece of column block nb is complete
     const int w_lo = (nb * KT) / chunk, w_hi = ((nb + 1) * KT - 1) / chunk;

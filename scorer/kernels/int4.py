@@ -360,6 +360,16 @@ def _check_x(x: torch.Tensor, w: Int4Weight, what: str) -> None:
         )
 
 
+def _check_fused(x: torch.Tensor, w: Int4Weight, out: torch.Tensor, what: str, max_m: int) -> int:
+    """The fused kernels' checks: x (M, K) with 1 <= M <= max_m, out (M, N); returns M."""
+    _check_x(x, w, what)
+    m = x.shape[0]
+    if not 1 <= m <= max_m:
+        raise ValueError(f"{what}: x must have 1 to {max_m} rows, got {m}")
+    _check_out(out, (m, w.n), w, f"{what} out")
+    return m
+
+
 def dequant(w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
     """out (N, K) <- W^T in w.dtype (bit-exact), its K columns in sequential order (x[:, perm] pairs with it)."""
     import numpy as np
@@ -397,11 +407,7 @@ def gemm_tiles(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tenso
     """out (M, N) <- x (M, K) @ W + bias for 1 <= M <= 64: split-K fused 4-bit tensor-core GEMM."""
     import numpy as np
 
-    _check_x(x, w, "gemm_tiles")
-    m = x.shape[0]
-    if not 1 <= m <= MAX_FUSED_M:
-        raise ValueError(f"gemm_tiles: x must have 1 to {MAX_FUSED_M} rows, got {m}")
-    _check_out(out, (m, w.n), w, "gemm_tiles out")
+    m = _check_fused(x, w, out, "gemm_tiles", MAX_FUSED_M)
     dev = w.qweight.device
     _, np_ = padded(w.k, w.n)
     nbk, kt = w.qweight.shape[:2]
@@ -427,11 +433,7 @@ def gemv(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
     """out (M, N) <- x (M, K) @ W + bias for 1 <= M <= 16: the stream-K fused 4-bit GEMM."""
     import numpy as np
 
-    _check_x(x, w, "gemv")
-    m = x.shape[0]
-    if not 1 <= m <= GEMV_MAX_M:
-        raise ValueError(f"gemv: x must have 1 to {GEMV_MAX_M} rows, got {m}")
-    _check_out(out, (m, w.n), w, "gemv out")
+    m = _check_fused(x, w, out, "gemv", GEMV_MAX_M)
     dev = w.qweight.device
     kp, np_ = padded(w.k, w.n)
     nbk, kt = w.qweight.shape[:2]
