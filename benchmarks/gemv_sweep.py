@@ -1,10 +1,10 @@
 """Tuning sweep of int4_gemv (the m <= 16 fused kernel): variants of its build knobs and host layout,
 timed by CUDA-graph replay on Llama layer shapes, main loop alone and with the fix-up.
 
-    python benchmarks/gemv_sweep.py [--variants base,inline,...] [--ncu]
+    python benchmarks/gemv_sweep.py [--variants reg,smem12,...] [--ncu]
 
 A variant is build options (GEMV_D1/GEMV_D2 tiles in flight for m <= 8 / <= 16, GEMV_WARPS per block)
-plus host choices (min_chunk tiles per warp, inline fix-up). --ncu launches each kernel once, for
+plus the host's min_chunk (tiles per warp at least). --ncu launches each kernel once, for
 `ncu --kernel-name regex:int4_gemv`.
 """
 
@@ -24,13 +24,13 @@ import torch  # noqa: E402
 
 from scorer.kernels import int4  # noqa: E402
 
-VARIANTS = {  # name: (build options, min_chunk, inline fix-up); B1/B2 (blocks per SM) also size the wave
-    "reg": (dict(RING=0, D1=4, D2=4, B1=5, B2=4, PF=16), 16, False),
-    "smem12": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=1), 16, False),
-    "burst2x6": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=2), 16, False),
-    "burst4x3": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=4), 16, False),
-    "burst6x2": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=6), 16, False),
-    "burst4x3c32": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=4), 32, False),
+VARIANTS = {  # name: (build options, min_chunk); B1/B2 (blocks per SM) also size the wave
+    "reg": (dict(RING=0, D1=4, D2=4, B1=5, B2=4, PF=16), 16),
+    "smem12": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=1), 16),
+    "burst2x6": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=2), 16),
+    "burst4x3": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=4), 16),
+    "burst6x2": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=6), 16),
+    "burst4x3c32": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=4), 32),
 }
 SHAPES = [(8192, 57344), (28672, 8192), (4096, 28672), (14336, 4096), (4096, 4096), (4096, 6144)]
 
@@ -44,8 +44,8 @@ def build(opts_: dict):
 
 
 def launcher(mod, variant, w: int4.Int4Weight, x: torch.Tensor, out: torch.Tensor, ws: torch.Tensor,
-             counters: torch.Tensor, main_only: bool):
-    opts, min_chunk, inline = variant
+             main_only: bool):
+    opts, min_chunk = variant
     warps_per_block, b1, b2 = int4.GEMV_WARPS, opts["B1"], opts["B2"]
     m = x.shape[0]
     kp, np_ = int4.padded(w.k, w.n)
@@ -57,16 +57,16 @@ def launcher(mod, variant, w: int4.Int4Weight, x: torch.Tensor, out: torch.Tenso
     fn = mod.get_function(f"int4_gemv<0, {mt}>")
     fix = mod.get_function(f"int4_gemv_fix<0, {mt}>")
     p = lambda t: np.uint64(0 if t is None else t.data_ptr())  # noqa: E731
-    args = (p(x), p(w.qweight), p(w.scales), p(w.qzeros), p(None), p(out), p(ws), p(counters), np.int32(m),
-            np.int32(kp), np.int32(w.n), np.int32(np_), np.int32(kt), np.int32(w.n_groups), np.int32(w.group16),
-            np.int32(chunk), np.int32(pmax), np.int32(int(inline)))
+    args = (p(x), p(w.qweight), p(w.scales), p(w.qzeros), p(None), p(out), p(ws), np.int32(m), np.int32(kp),
+            np.int32(w.n), np.int32(np_), np.int32(kt), np.int32(w.n_groups), np.int32(w.group16), np.int32(chunk),
+            np.int32(pmax))
     fargs = (p(ws), p(None), p(out), np.int32(m), np.int32(w.n), np.int32(np_), np.int32(kt), np.int32(chunk),
              np.int32(pmax))
 
     def run():
         with int4._stream(x.device):
             fn((-(-warps // warps_per_block),), (32 * warps_per_block,), args)
-            if not inline and not main_only:
+            if not main_only:
                 fix((-(-(nbk * m * 32) // 256),), (256,), fargs)
 
     return run, pmax
@@ -82,7 +82,6 @@ def main() -> int:
     names = args.variants.split(",")
     mods = {n: build(VARIANTS[n][0]) for n in names}
     ws = torch.zeros(64 * 2**20, dtype=torch.float32, device="cuda")
-    counters = torch.zeros(4096, dtype=torch.int32, device="cuda")
     print(f"# {torch.cuda.get_device_name()}: int4_gemv sweep, fp16, g128 act-order (x pre-gathered)\n")
     print("| K x N | m | variant | main us | main TB/s | main + fix us | TB/s | x ref rel err |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
@@ -99,19 +98,18 @@ def main() -> int:
             out = torch.empty(m, n, device="cuda", dtype=torch.float16)
             for name in names:
                 v = VARIANTS[name]
-                runs = [launcher(mods[name], v, wi, xs, out, ws, counters, False)[0] for wi in wsl]
+                runs = [launcher(mods[name], v, wi, xs, out, ws, False)[0] for wi in wsl]
                 if args.ncu:
                     runs[0]()
                     torch.cuda.synchronize()
                     continue
-                mains = [launcher(mods[name], v, wi, xs, out, ws, counters, True)[0] for wi in wsl]
+                mains = [launcher(mods[name], v, wi, xs, out, ws, True)[0] for wi in wsl]
                 out.fill_(float("nan"))
                 runs[0]()
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 t_main = gpu_time(mains)
                 t_all = gpu_time(runs)
-                inl = " (inline)" if v[2] else ""
-                print(f"| {k}x{n} | {m} | {name}{inl} | {t_main * 1e6:.1f} | {qbytes / t_main / 1e12:.2f} | "
+                print(f"| {k}x{n} | {m} | {name} | {t_main * 1e6:.1f} | {qbytes / t_main / 1e12:.2f} | "
                       f"{t_all * 1e6:.1f} | {qbytes / t_all / 1e12:.2f} | {err:.1e} |", flush=True)
         del lin, wsl, dense
         torch.cuda.empty_cache()

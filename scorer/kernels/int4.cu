@@ -476,15 +476,15 @@ __global__ void __launch_bounds__(Cfg<MT>::KW * 32)
 // y[M][N] = x[M][K] @ W + bias, x's columns in sequential order, rows ldx = Kp apart, zero in K..Kp.
 // Stream-K: the tiles of every column block, in memory order (nb, kt), are cut into equal contiguous
 // chunks of `chunk` tiles, one per warp of a single wave, so every warp streams the same bytes and no
-// SM idles in a tail. A warp keeps D tiles of codes (16 B per lane) and their x fragments (8 B per lane
-// and row tile) in flight in registers and loads the next group's scales and zeros while the current
-// group runs. Per tile: one 16-byte load, the bit-exact dequant of int4_dequant (fp16: the nibbles at
+// SM idles in a tail. A warp keeps S tiles of codes (16 B per lane) and their x fragments (8 B per lane
+// and row tile) in flight in a shared-memory ring (or D of them in registers, GEMV_RING 0) and loads the
+// next group's scales and zeros while the current group runs. Per tile: one 16-byte copy, the bit-exact dequant of int4_dequant (fp16: the nibbles at
 // bits 4..7 stay in place as 1024 + 16q and one fma by 1/16 takes off the zero, so one shift per word;
 // bf16: one shift per nibble pair), MT x 4 mma.m16n8k16 with fp32 accumulation.
 // Each column block a warp finishes (or leaves, at its chunk's end) is a "piece": its fp32 partial goes
-// to ws[nb][piece]. The pieces are summed in piece order (deterministic), the bias added and y written
-// either by int4_gemv_fix, a second launch with one thread per output pair (fix_inline = 0), or inline
-// by the last piece of each column block to arrive (atomic counter, reset for the next launch).
+// to ws[nb][piece]; int4_gemv_fix, a second launch with one thread per output pair, sums them in piece
+// order (deterministic), adds the bias and writes y. (Summing inline, by the last piece of a column block
+// to arrive, was measured: one warp's serial sums of up to 33 pieces cost more than the extra launch.)
 #ifndef GEMV_WARPS
 #define GEMV_WARPS 4  // warps per block (scorer.kernels.int4 mirrors it)
 #endif
@@ -564,20 +564,7 @@ template <int DT> __device__ __forceinline__ void store_pair(u16* y, const u16* 
   st_u32(y, pack2<DT>(v.x, v.y));
 }
 
-// Inline fix-up: the last piece of column block nb sums the pieces, adds the bias, writes y (rows < M).
-template <int DT, int MT>
-__device__ __noinline__ void gemv_finish(const float* __restrict__ ws, const u16* __restrict__ bias,
-                                         u16* __restrict__ y, int nb, int pieces, int pmax, int M, int N) {
-  constexpr int PIECE = GemvCfg<MT>::PIECE;
-  const int lane = threadIdx.x & 31;
-  const float* base = ws + (size_t)nb * pmax * PIECE;
-  for (int e = 2 * lane; e < M * 64; e += 64) {  // (row, column pair) of this lane
-    const int m = e >> 6, n = nb * 64 + (e & 63);
-    if (n < N) store_pair<DT>(y + (size_t)m * N + n, bias, n, sum_pieces(base + e, pieces, PIECE));
-  }
-}
-
-// Separate fix-up (fix_inline == 0): one thread per (column block, row, column pair), all in parallel.
+// The fix-up: one thread per (column block, row, column pair), all in parallel.
 template <int DT, int MT>
 __global__ void __launch_bounds__(256) int4_gemv_fix(const float* __restrict__ ws, const u16* __restrict__ bias,
                                                      u16* __restrict__ y, int M, int N, int Np, int KT, int chunk,
@@ -600,8 +587,8 @@ template <int DT, int MT>
 __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
     int4_gemv(const u16* __restrict__ x, const uint4* __restrict__ wq, const u16* __restrict__ scales,
               const u32* __restrict__ qzeros, const u16* __restrict__ bias, u16* __restrict__ y,
-              float* __restrict__ ws, int* __restrict__ counters, int M, int ldx, int N, int Np, int KT, int G,
-              int gs16, int chunk, int pmax, int fix_inline) {
+              float* __restrict__ ws, int M, int ldx, int N, int Np, int KT, int G, int gs16, int chunk,
+              int pmax) {
   constexpr int PIECE = GemvCfg<MT>::PIECE;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int gw = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
@@ -648,7 +635,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
   zero_acc<MT>(acc);
   // C fragment: acc[j][mt] = {y[m][n], y[m+1][n], y[m][n+1], y[m+1][n+1]}, m = 8mt + 2t, n = 8g + 2j
   auto flush = [&]() {  // this warp's piece of column block nb is complete
-    const int w_lo = (nb * KT) / chunk, w_hi = ((nb + 1) * KT - 1) / chunk;
+    const int w_lo = (nb * KT) / chunk;  // the first warp with a piece of column block nb
     float* mine = ws + ((size_t)nb * pmax + (gw - w_lo)) * PIECE;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -662,19 +649,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
         for (int r = 0; r < 4; ++r) acc[j][mt][r] = 0.f;
       }
     }
-    if (!fix_inline) return;  // int4_gemv_fix sums the pieces after this launch
-    __threadfence();
-    __syncwarp();
-    int prev = 0;
-    if (lane == 0) prev = atomicAdd(counters + nb, 1);
-    prev = __shfl_sync(0xffffffffu, prev, 0);
-    if (prev == w_hi - w_lo) {  // the last piece: every other piece's partial is visible
-      __threadfence();
-      gemv_finish<DT, MT>(ws, bias, y, nb, w_hi - w_lo + 1, pmax, M, N);
-      if (lane == 0) counters[nb] = 0;
-    }
   };
-
 
   // One tile: dequant (bit-exact, as int4_dequant), MT x 4 mma, then the group / column-block events.
   auto consume = [&](const uint4& wv, const u32 (&xv)[MT][2]) {

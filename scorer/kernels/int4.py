@@ -37,7 +37,6 @@ GEMV_WARPS = 4  # warps per block of int4_gemv (GEMV_WARPS in int4.cu)
 GEMV_BLOCKS = {1: 6, 2: 4}  # blocks per SM by row tiles (GEMV_B1, GEMV_B2 in int4.cu: its launch bounds)
 GEMV_WAVE = GEMV_WARPS * GEMV_BLOCKS[2]  # warps per SM in gemv's one wave (the smaller of the two)
 GEMV_MIN_CHUNK = 16  # tiles per warp at least: fewer pieces to fix up on small layers
-GEMV_FIX_INLINE = False  # True: the last piece of a column block sums the pieces (one launch, serial sums)
 CROSSOVER_PROBES = (1, 8, 16, 32, 48, 64)
 _DT = {torch.float16: 0, torch.bfloat16: 1}
 
@@ -457,14 +456,13 @@ def gemv(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
     fn = _kernel(dev.index, f"int4_gemv<{_DT[w.dtype]}, {mt_of(m)}>")
     ws_ptr = np.uint64(s.buf.data_ptr() + stage)
     args = (_ptr(x), _ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(w.bias), _ptr(out), ws_ptr,
-            _ptr(s.counters), np.int32(m), np.int32(kp), np.int32(w.n), np.int32(np_), np.int32(kt),
-            np.int32(w.n_groups), np.int32(w.group16), np.int32(chunk), np.int32(pmax), np.int32(GEMV_FIX_INLINE))
+            np.int32(m), np.int32(kp), np.int32(w.n), np.int32(np_), np.int32(kt), np.int32(w.n_groups),
+            np.int32(w.group16), np.int32(chunk), np.int32(pmax))
+    fix = _kernel(dev.index, f"int4_gemv_fix<{_DT[w.dtype]}, {mt_of(m)}>")
     with _stream(dev):
         fn((-(-warps // GEMV_WARPS),), (32 * GEMV_WARPS,), args)
-        if not GEMV_FIX_INLINE:
-            fix = _kernel(dev.index, f"int4_gemv_fix<{_DT[w.dtype]}, {mt_of(m)}>")
-            fix((-(-(nbk * m * 32) // 256),), (256,), (ws_ptr, _ptr(w.bias), _ptr(out), np.int32(m), np.int32(w.n),
-                                                       np.int32(np_), np.int32(kt), np.int32(chunk), np.int32(pmax)))
+        fix((-(-(nbk * m * 32) // 256),), (256,), (ws_ptr, _ptr(w.bias), _ptr(out), np.int32(m), np.int32(w.n),
+                                                   np.int32(np_), np.int32(kt), np.int32(chunk), np.int32(pmax)))
     return out
 
 

@@ -118,7 +118,7 @@ def test_gemv_every_m_to_16_agrees_with_gemm_tiles(shape, gs, v1, sym, act, dtyp
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 7, 16])
 def test_gemv_is_deterministic_and_reusable(m, dtype):
-    """Its fix-up counters reset themselves and pieces add in a fixed order: bit-identical repeats."""
+    """Split column blocks: the fix-up adds the pieces in a fixed order, so repeats are bit-identical."""
     from scorer.kernels import int4
 
     lin, _ = layer_on_gpu(4160, 1096, 128, v1=False, sym=False, act=True, dtype=dtype)
