@@ -247,31 +247,36 @@ def _align(n: int) -> int:
     return -(-n // 256) * 256
 
 
-def _small_layout(w: Int4Weight, m: int) -> tuple[int, int, int]:
-    """(bytes of staged x, bytes of the fix-up partials, KS or chunk) of the fused kernel for m rows.
-
-    gemv (m <= 16) reads x with rows Kp apart, zero past K: x is staged when act-order gathers its
-    columns or K is not a multiple of 16 (a gathered copy and the padded one). gemm_tiles stages x
-    only under act-order."""
-    kp, np_ = padded(w.k, w.n)
+def _tiles_layout(w: Int4Weight, m: int) -> tuple[int, int, int]:
+    """(bytes of the gathered x, bytes of the split-K partials, KS) of gemm_tiles at m rows (x is
+    staged only under act-order)."""
+    _, np_ = padded(w.k, w.n)
     nbk, kt = w.qweight.shape[:2]
-    sms = _sm_count(w.qweight.device)
-    if m <= GEMV_MAX_M:
-        chunk, _, pmax = gemv_layout(nbk, kt, sms, wave=GEMV_WARPS * GEMV_BLOCKS[mt_of(m)])
-        stage = 0
-        if w.perm is not None or kp != w.k:
-            stage = _align(m * kp * 2) + (_align(m * w.k * 2) if w.perm is not None and kp != w.k else 0)
-        return stage, nbk * pmax * mt_of(m) * 8 * 64 * 4, chunk
-    ks, _ = split_k(nbk, kt, mt_of(m), sms)
-    xg = _align(m * w.k * 2) if w.perm is not None else 0
-    return xg, ks * m * np_ * 4, ks
+    ks, _ = split_k(nbk, kt, mt_of(m), _sm_count(w.qweight.device))
+    return (_align(m * w.k * 2) if w.perm is not None else 0), ks * m * np_ * 4, ks
+
+
+def _gemv_layout(w: Int4Weight, m: int) -> tuple[int, int, tuple[int, int, int]]:
+    """(bytes of staged x, bytes of the pieces, gemv_layout) of gemv at m rows. gemv reads x with rows
+    Kp apart, zero past K: x is staged when act-order gathers its columns or K is not a multiple of 16
+    (then a gathered copy and the padded one)."""
+    kp, _ = padded(w.k, w.n)
+    nbk, kt = w.qweight.shape[:2]
+    lay = gemv_layout(nbk, kt, _sm_count(w.qweight.device), wave=GEMV_WARPS * GEMV_BLOCKS[mt_of(m)])
+    stage = 0
+    if w.perm is not None or kp != w.k:
+        stage = _align(m * kp * 2) + (_align(m * w.k * 2) if w.perm is not None and kp != w.k else 0)
+    return stage, nbk * lay[2] * mt_of(m) * 8 * 64 * 4, lay
 
 
 def scratch_bytes(w: Int4Weight) -> int:
     """Bytes of scratch `w` needs: its dequantized W^T, or the fused path's gathered x + partials."""
     need = w.k * w.n * 2
-    for m in (8, 16, 32, 64):  # the largest m of each kernel variant (8, 16: gemv; 32, 64: gemm_tiles)
-        xg, part, _ = _small_layout(w, m)
+    for m in (8, 16):  # the largest m of each kernel variant the dispatch runs
+        stage, part, _ = _gemv_layout(w, m)
+        need = max(need, stage + part)
+    for m in (32, 64):
+        xg, part, _ = _tiles_layout(w, m)
         need = max(need, xg + part)
     return need
 
@@ -412,8 +417,8 @@ def gemm_tiles(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tenso
     nbk, kt = w.qweight.shape[:2]
     mt = mt_of(m)
     ks, per = split_k(nbk, kt, mt, _sm_count(dev))
-    xg_bytes = _align(m * w.k * 2) if w.perm is not None else 0
-    s = _get_scratch(dev, xg_bytes + ks * m * np_ * 4)
+    xg_bytes, part_bytes, _ = _tiles_layout(w, m)
+    s = _get_scratch(dev, xg_bytes + part_bytes)
     if w.perm is not None:  # act-order: x's columns in sequential order (m x K, small)
         xs = s.buf[: m * w.k * 2].view(w.dtype).view(m, w.k)
         torch.index_select(x, 1, w.perm, out=xs)
@@ -436,8 +441,7 @@ def gemv(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
     dev = w.qweight.device
     kp, np_ = padded(w.k, w.n)
     nbk, kt = w.qweight.shape[:2]
-    stage, part, _ = _small_layout(w, m)
-    chunk, warps, pmax = gemv_layout(nbk, kt, _sm_count(dev), wave=GEMV_WARPS * GEMV_BLOCKS[mt_of(m)])
+    stage, part, (chunk, warps, pmax) = _gemv_layout(w, m)
     s = _get_scratch(dev, stage + part)
     if stage:  # x with rows Kp apart and zeros past K, columns gathered under act-order
         xs = s.buf[: m * kp * 2].view(w.dtype).view(m, kp)
@@ -470,9 +474,7 @@ def gemm_small(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tenso
     """out (M, N) <- x (M, K) @ W + bias for 1 <= M <= 64: the fused path (gemv up to 16 rows)."""
     if 1 <= x.shape[0] <= GEMV_MAX_M:
         return gemv(x, w, out)
-    if x.dim() == 2 and x.shape[0] > MAX_FUSED_M:
-        raise ValueError(f"gemm_small: x must have 1 to {MAX_FUSED_M} rows, got {x.shape[0]}")
-    return gemm_tiles(x, w, out)
+    return gemm_tiles(x, w, out)  # checks 1 <= M <= 64 itself
 
 
 def dequant_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
