@@ -527,11 +527,6 @@ template <int MT> struct GemvCfg {
 };
 static constexpr u32 ONE16 = 0x2C002C00u;  // fp16 1/16 in each half
 
-template <int LUT> __device__ __forceinline__ u32 lop3(u32 a, u32 b, u32 c) {
-  u32 d;
-  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(d) : "r"(a), "n"(b), "r"(c), "n"(LUT));
-  return d;
-}
 // (a & b) | c in one instruction: LUT = (0xF0 & 0xCC) | 0xAA
 __device__ __forceinline__ u32 and_or(u32 a, u32 mask, u32 magic) {
   u32 d;
