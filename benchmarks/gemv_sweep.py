@@ -31,6 +31,14 @@ VARIANTS = {  # name: (build options, min_chunk); B1/B2 (blocks per SM) also siz
     "burst4x3": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=4), 16),
     "burst6x2": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=6), 16),
     "burst4x3c32": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=4), 32),
+    # bulk copy engine (sm_90): S3 stages of T3 tiles a warp, one cp.async.bulk a stage
+    "tma4x4": (dict(RING=2, S3=4, T3=4, B1=6, B2=4, HINT=0), 16),
+    "tma4x4h": (dict(RING=2, S3=4, T3=4, B1=6, B2=4, HINT=1), 16),
+    "tma8x2": (dict(RING=2, S3=8, T3=2, B1=6, B2=4, HINT=0), 16),
+    "tma3x6": (dict(RING=2, S3=3, T3=6, B1=6, B2=4, HINT=0), 16),
+    "tma2x8": (dict(RING=2, S3=2, T3=8, B1=6, B2=4, HINT=0), 16),
+    "tma4x4b4": (dict(RING=2, S3=4, T3=4, B1=4, B2=4, HINT=0), 16),
+    "tma5x4b5": (dict(RING=2, S3=5, T3=4, B1=5, B2=4, HINT=0), 16),
 }
 SHAPES = [(8192, 57344), (28672, 8192), (4096, 28672), (14336, 4096), (4096, 4096), (4096, 6144)]
 
@@ -83,8 +91,8 @@ def main() -> int:
     mods = {n: build(VARIANTS[n][0]) for n in names}
     ws = torch.zeros(64 * 2**20, dtype=torch.float32, device="cuda")
     print(f"# {torch.cuda.get_device_name()}: int4_gemv sweep, fp16, g128 act-order (x pre-gathered)\n")
-    print("| K x N | m | variant | main us | main TB/s | main + fix us | TB/s | x ref rel err |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    print("| K x N | m | variant | main us | main TB/s | main + fix us | TB/s | x ref rel err | bits = first |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---|")
     for k, n in SHAPES:
         lin = quant_layer(k, n)
         w0 = lin._weight()
@@ -96,6 +104,7 @@ def main() -> int:
             xs = x[:, w0.perm.long()].contiguous()  # what gemv gathers first under act-order
             ref = x.float() @ dense.t()
             out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+            first = None  # the first variant's output: the others must match it bit for bit
             for name in names:
                 v = VARIANTS[name]
                 runs = [launcher(mods[name], v, wi, xs, out, ws, False)[0] for wi in wsl]
@@ -107,10 +116,12 @@ def main() -> int:
                 out.fill_(float("nan"))
                 runs[0]()
                 err = ((out.float() - ref).norm() / ref.norm()).item()
+                first = out.clone() if first is None else first
+                same = "yes" if torch.equal(out, first) else "NO"
                 t_main = gpu_time(mains)
                 t_all = gpu_time(runs)
                 print(f"| {k}x{n} | {m} | {name} | {t_main * 1e6:.1f} | {qbytes / t_main / 1e12:.2f} | "
-                      f"{t_all * 1e6:.1f} | {qbytes / t_all / 1e12:.2f} | {err:.1e} |", flush=True)
+                      f"{t_all * 1e6:.1f} | {qbytes / t_all / 1e12:.2f} | {err:.1e} | {same} |", flush=True)
         del lin, wsl, dense
         torch.cuda.empty_cache()
     return 0

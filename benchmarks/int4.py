@@ -198,7 +198,10 @@ def markdown(rows: list[dict], infos: list[dict], model: dict | None, device: st
                   f"({', '.join(f'{k} {v:.1e}' for k, v in model['prob_diffs_by_m'].items())}); weight memory "
                   f"{model['bytes_4bit'] / 2**30:.2f} GiB vs {model['bytes_bf16'] / 2**30:.2f} GiB = "
                   f"{100 * model['weight_bytes_ratio']:.1f}% (linear layers alone "
-                  f"{100 * model['linear_bytes_ratio']:.1f}%)."]
+                  f"{100 * model['linear_bytes_ratio']:.1f}%); with the embedding table in host memory (Scorer's "
+                  f"default for 4-bit), GPU weight memory {model['bytes_4bit_gpu_host_table'] / 2**30:.2f} GiB = "
+                  f"{100 * model['gpu_bytes_ratio_host_table']:.1f}% of the bf16 model's, probabilities "
+                  f"{'bit-identical' if model['host_embeddings_identical'] else 'DIFFERENT'}."]
         for key, v in model.items():
             if key.startswith("forward_ms"):
                 lines.append(f"- forward {key.split('_', 2)[2]}: 4-bit {v['4bit']:.1f} ms, bf16 {v['bf16']:.1f} ms "

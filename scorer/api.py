@@ -121,6 +121,7 @@ class Scorer:
         self.last_stats = ScoreStats()
         self._lock = threading.Lock()
         self._fingerprint: str | None = None
+        self._copy_stream: torch.cuda.Stream | None = None  # host-resident embeddings' copies
         self._schema = self._build_schema()
         if attention not in ("auto", "packed", "padded"):
             raise ValueError(f"attention must be auto, packed or padded, not {attention!r}")
@@ -149,7 +150,12 @@ class Scorer:
         return_logits: bool = False,
         attention: str = "auto",
         compile: bool | str = "auto",
+        embeddings: str = "auto",
     ) -> "Scorer":
+        """embeddings: where the token-embedding table lives while a GPU scores: "device", "host" (its
+        rows are gathered on the CPU and copied with the batch, freeing vocab x hidden x 2 bytes of GPU
+        memory; scores are bit-identical), or "auto": host for 4-bit checkpoints, whose point is GPU
+        memory, device otherwise. Ignored on the CPU."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, not {task!r}")
         if pooling not in POOLINGS:
@@ -179,6 +185,11 @@ class Scorer:
         scorer = cls(model, cfg, tokenizer, settings, dev, attention)
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto', not {compile!r}")
+        if embeddings not in ("auto", "device", "host"):
+            raise ValueError(f"embeddings must be auto, device or host, not {embeddings!r}")
+        if dev.type == "cuda" and (embeddings == "host" or (embeddings == "auto" and cfg.quant is not None)):
+            model.model.embeddings_to_host()
+        log.info("scorer embedding table: %s", "host memory" if model.model.embeddings_on_host else "with the model")
         if compile == "auto":  # on CUDA's packed path, where fusing the elementwise work pays (see bench)
             compile = scorer.packed and dev.type == "cuda" and _has_triton()
         if compile:
@@ -250,15 +261,20 @@ class Scorer:
             for part in plan(lengths, s.max_batch_tokens, s.max_rows):
                 lg = e = None
                 if self.packed:  # rows end to end, flash attention varlen: no padding at all
-                    b = pack(enc.ids, valid[part]).to(self.device)
-                    hidden = self.model.model.forward_packed(b.input_ids, b.position_ids, Packed(b.cu_seqlens, b.max_len))
+                    b = pack(enc.ids, valid[part])
+                    rows_emb = self._host_embeddings(b.input_ids)
+                    b = b.to(self.device)
+                    hidden = self.model.model.forward_packed(b.input_ids, b.position_ids,
+                                                             Packed(b.cu_seqlens, b.max_len), rows_emb)
                     if classify:
                         lg = self.model.logits_packed(hidden, b.input_ids, b.cu_seqlens)
                     if embed:
                         e = self.model.embed_packed(hidden, b.cu_seqlens, s.pooling, s.normalize, s.dimensions)
                 else:
-                    b = collate(enc.ids, valid[part], self.pad_id).to(self.device)
-                    hidden = self.model(b.input_ids, b.attention_mask, b.position_ids)  # (B, T, H)
+                    b = collate(enc.ids, valid[part], self.pad_id)
+                    rows_emb = self._host_embeddings(b.input_ids)
+                    b = b.to(self.device)
+                    hidden = self.model(b.input_ids, b.attention_mask, b.position_ids, rows_emb)  # (B, T, H)
                     if classify:
                         lg = self.model.logits(hidden, b.input_ids, b.attention_mask)
                     if embed:
@@ -282,6 +298,25 @@ class Scorer:
         stats.seconds = time.perf_counter() - t0
         self.last_stats = stats
         return table
+
+    def _host_embeddings(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """A batch's embedding rows when the table is in host memory (else None: the model looks them up):
+        gathered on the CPU into pinned memory and copied on a side stream, so the copy overlaps the batch
+        before; the compute stream waits for it."""
+        lm = self.model.model
+        if not lm.embeddings_on_host:
+            return None
+        rows = lm.host_embeddings(ids)
+        if self.device.type != "cuda":
+            return rows
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            out = rows.to(self.device, non_blocking=True)
+        compute.wait_stream(self._copy_stream)
+        out.record_stream(compute)  # allocated on the copy stream, used on the compute stream
+        return out
 
     # -- output -------------------------------------------------------------------------------------
     @property

@@ -6,7 +6,9 @@ Kernels over one prepared weight layout (`repack`, described at the top of int4.
     one pass over 2.5 bytes per weight (read 0.5, write 2).
   * `gemv`: m <= 16, the memory-bound case: a stream-K fused GEMM that reads the packed weights once
     (a quarter of fp16's bytes) in equal chunks over one wave of warps, fp32 accumulation on the tensor
-    cores, deterministic fix-up of split column blocks.
+    cores, deterministic fix-up of split column blocks. Two rings feed it (cp.async per lane, or on sm_90
+    the bulk copy engine, a stage per copy); which is faster depends on the layer's size, so it is timed
+    once per layer shape at first use (`gemv_ring`). Both give bit-identical results.
   * `gemm_tiles`: m <= 64, a split-K fused tensor-core GEMM with a cp.async pipeline (the m > 16 side).
 `gemm_small` is the fused path (gemv up to 16 rows, gemm_tiles above); `matmul` picks between it and
 dequant + cuBLAS by m, with a crossover measured once per (device, shape, dtype) at first use.
@@ -37,6 +39,7 @@ GEMV_WARPS = 4  # warps per block of int4_gemv (GEMV_WARPS in int4.cu)
 GEMV_BLOCKS = {1: 6, 2: 4}  # blocks per SM by row tiles (GEMV_B1, GEMV_B2 in int4.cu: its launch bounds)
 GEMV_WAVE = GEMV_WARPS * GEMV_BLOCKS[2]  # warps per SM in gemv's one wave (the smaller of the two)
 GEMV_MIN_CHUNK = 16  # tiles per warp at least: fewer pieces to fix up on small layers
+GEMV_RINGS = (1, 2)  # int4_gemv<DT, MT, R>: 1 cp.async per lane, 2 bulk copies (sm_90+; ring 1 below)
 CROSSOVER_PROBES = (1, 8, 16, 32, 48, 64)
 _DT = {torch.float16: 0, torch.bfloat16: 1}
 
@@ -179,7 +182,8 @@ def _names() -> list[str]:
         for mt in (1, 2, 4, 8):
             names.append(f"int4_gemm_small<{dt}, {mt}>")
         for mt in (1, 2):
-            names.append(f"int4_gemv<{dt}, {mt}>")
+            for r in GEMV_RINGS:
+                names.append(f"int4_gemv<{dt}, {mt}, {r}>")
             names.append(f"int4_gemv_fix<{dt}, {mt}>")
     return names
 
@@ -433,11 +437,16 @@ def gemm_tiles(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tenso
     return out
 
 
-def gemv(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
-    """out (M, N) <- x (M, K) @ W + bias for 1 <= M <= 16: the stream-K fused 4-bit GEMM."""
+def gemv(x: torch.Tensor, w: Int4Weight, out: torch.Tensor, ring: int | None = None) -> torch.Tensor:
+    """out (M, N) <- x (M, K) @ W + bias for 1 <= M <= 16: the stream-K fused 4-bit GEMM.
+    ring: 1 or 2 (GEMV_RINGS), or None for the one `gemv_ring` measured faster on this layer."""
     import numpy as np
 
     m = _check_fused(x, w, out, "gemv", GEMV_MAX_M)
+    if ring is None:
+        ring = gemv_ring(w, mt_of(m))
+    elif ring not in GEMV_RINGS:
+        raise ValueError(f"gemv: ring must be one of {GEMV_RINGS}, not {ring!r}")
     dev = w.qweight.device
     kp, np_ = padded(w.k, w.n)
     nbk, kt = w.qweight.shape[:2]
@@ -457,7 +466,7 @@ def gemv(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
             else:
                 xs[:, : w.k].copy_(x)
         x = xs
-    fn = _kernel(dev.index, f"int4_gemv<{_DT[w.dtype]}, {mt_of(m)}>")
+    fn = _kernel(dev.index, f"int4_gemv<{_DT[w.dtype]}, {mt_of(m)}, {ring}>")
     ws_ptr = np.uint64(s.buf.data_ptr() + stage)
     args = (_ptr(x), _ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(w.bias), _ptr(out), ws_ptr,
             np.int32(m), np.int32(kp), np.int32(w.n), np.int32(np_), np.int32(kt), np.int32(w.n_groups),
@@ -494,6 +503,34 @@ def dequant_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
 
 
 # -- dispatch ---------------------------------------------------------------------------------------
+
+_rings: dict[tuple, int] = {}
+
+
+def gemv_ring(w: Int4Weight, mt: int) -> int:
+    """The faster of gemv's rings for this layer at mt row tiles, timed once per (device, K, N, dtype,
+    act-order, mt) at first use. Ring 2 needs sm_90 (elsewhere it builds as ring 1: nothing to time)."""
+    dev = w.qweight.device
+    key = (dev.index, w.k, w.n, w.dtype, w.perm is not None, mt)
+    r = _rings.get(key)
+    if r is None:
+        if torch.cuda.get_device_capability(dev) < (9, 0):
+            r = _rings[key] = 1
+        elif torch.cuda.is_current_stream_capturing():
+            return 1  # cannot time inside a graph capture; ring 1 runs everywhere
+        else:
+            m = 8 * mt
+            x = torch.randn(m, w.k, device=dev, dtype=w.dtype)
+            y = torch.empty(m, w.n, device=dev, dtype=w.dtype)
+            times = {}
+            for ring in GEMV_RINGS:
+                gemv(x, w, y, ring)  # warm: module load, scratch
+                times[ring] = _gpu_time(lambda: gemv(x, w, y, ring))
+            r = _rings[key] = min(times, key=times.get)
+            log.debug("int4 gemv K=%d N=%d m<=%d: ring 1 %.1f us, ring 2 %.1f us", w.k, w.n, m,
+                      times[1] * 1e6, times[2] * 1e6)
+    return r
+
 
 _crossover: dict[tuple, int] = {}
 
@@ -560,6 +597,6 @@ def bandwidth_bytes(w: Int4Weight) -> int:
 
 __all__ = [
     "Int4Weight", "available", "bandwidth_bytes", "crossover", "dequant", "dequant_matmul", "dequant_rows",
-    "gemm_small", "gemm_tiles", "gemv", "gemv_layout", "gemv_pieces",
+    "gemm_small", "gemm_tiles", "gemv", "gemv_layout", "gemv_pieces", "gemv_ring",
     "matmul", "measure_crossover", "mt_of", "padded", "repack", "reserve", "split_k", "unrepack", "warps_of",
 ]

@@ -129,9 +129,10 @@ class ScoringModel(nn.Module):
         # the head stays in the activation dtype (it is never quantized)
         self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False, dtype=dtype) if cfg.is_classifier else None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, H) hidden states after the final norm."""
-        return self.model(input_ids, attention_mask, position_ids)
+        return self.model(input_ids, attention_mask, position_ids, inputs_embeds)
 
     def logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, num_labels) fp32 logits at each row's classifier token."""

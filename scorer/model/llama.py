@@ -22,6 +22,12 @@ all, and attention runs flash attention's varlen kernel over `cu_seqlens` (the `
 of a mask), so no FLOP is spent on padding and the projections see m = N real tokens. Everything but
 the attention core is the same code: linears, norms and RoPE are per token.
 
+Host-resident embedding table (`LlamaModel.embeddings_to_host`): the (vocab, hidden) table leaves the GPU,
+as llama.cpp keeps its token embeddings on the CPU. The caller gathers a batch's rows on the host
+(`host_embeddings`, into pinned memory) and passes them as `inputs_embeds`; a lookup copies rows, so the
+scores are bit-identical, and a 128k-vocab table frees 1-2 GiB of GPU memory for 8 KB-16 KB per token of
+host-to-device copy.
+
 Fused projections: `fuse_projections(model)` concatenates q/k/v and gate/up of dense layers into one
 linear each (one large GEMM instead of three or two); the per-token math is unchanged.
 
@@ -297,23 +303,61 @@ class LlamaModel(nn.Module):
         self._inv_freq: torch.Tensor | None = None  # fp32, lazily on the forward's device (not a weight)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, position_ids (B, T) int64; attention_mask (B, T) bool, True on real tokens."""
+        """input_ids, position_ids (B, T) int64; attention_mask (B, T) bool, True on real tokens;
+        inputs_embeds (B, T, H): the rows of input_ids, gathered by the caller (host-resident table)."""
         if self._inv_freq is None or self._inv_freq.device != input_ids.device:
             self._inv_freq = rope_inv_freq(self.cfg).to(input_ids.device)
-        x = self.embed_tokens(input_ids)  # (B, T, H)
+        x = self._embed(input_ids, inputs_embeds)  # (B, T, H)
         cos, sin = rope_cos_sin(self.cfg, self._inv_freq, position_ids, x.dtype)  # (B, T, d)
         mask = attention_mask_4d(attention_mask.bool())
         return self._layers(x, cos, sin, mask)
 
-    def forward_packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, ctx: Packed) -> torch.Tensor:
-        """input_ids, position_ids (N,) int64 of rows laid end to end -> (N, H) after the final norm."""
+    def forward_packed(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, ctx: Packed,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, position_ids (N,) int64 of rows laid end to end -> (N, H) after the final norm;
+        inputs_embeds (N, H) as in `forward`."""
         if self._inv_freq is None or self._inv_freq.device != input_ids.device:
             self._inv_freq = rope_inv_freq(self.cfg).to(input_ids.device)
-        x = self.embed_tokens(input_ids[None])  # (1, N, H)
+        x = self._embed(input_ids[None], None if inputs_embeds is None else inputs_embeds[None])  # (1, N, H)
         cos, sin = rope_cos_sin(self.cfg, self._inv_freq, position_ids[None], x.dtype)  # (1, N, d)
         return self._layers(x, cos, sin, ctx)[0]
+
+    # -- the embedding table ------------------------------------------------------------------------
+    @property
+    def embeddings_on_host(self) -> bool:
+        """True when the table sits in host memory while the layers run on a GPU."""
+        return self.embed_tokens.weight.device.type == "cpu" and self.norm.weight.device.type != "cpu"
+
+    def embeddings_to_host(self) -> None:
+        """Move the embedding table to host memory (the forward then needs `inputs_embeds`)."""
+        self.embed_tokens.to("cpu")
+
+    def host_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The table's rows for host `input_ids` (any shape), in pinned memory when CUDA is present."""
+        w = self.embed_tokens.weight
+        ids = input_ids.reshape(-1)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= w.shape[0]):
+            raise ValueError(f"token ids must be in 0..{w.shape[0] - 1} (vocab_size), got "
+                             f"{int(ids.min())}..{int(ids.max())}")
+        out = torch.empty(ids.numel(), w.shape[1], dtype=w.dtype, pin_memory=torch.cuda.is_available())
+        torch.index_select(w, 0, ids, out=out)
+        return out.view(*input_ids.shape, w.shape[1])
+
+    def _embed(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        if inputs_embeds is not None:
+            if inputs_embeds.shape != (*input_ids.shape, self.cfg.hidden_size):
+                raise ValueError(f"inputs_embeds must be {(*input_ids.shape, self.cfg.hidden_size)}, "
+                                 f"got {tuple(inputs_embeds.shape)}")
+            return inputs_embeds
+        if self.embeddings_on_host:
+            raise ValueError("the embedding table is in host memory: pass inputs_embeds "
+                             "(LlamaModel.host_embeddings of the ids)")
+        return self.embed_tokens(input_ids)
 
     def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | Packed | None) -> torch.Tensor:
         for layer in self.layers:

@@ -46,7 +46,7 @@ def random_gptq(k: int, n: int, device: str) -> dict[str, torch.Tensor]:
     return ref.pack_gptq(q, zeros, scales, g_idx, v1=True)
 
 
-def _nbytes(model: torch.nn.Module, linear_only: bool) -> int:
+def _nbytes(model: torch.nn.Module, linear_only: bool, cuda_only: bool = False) -> int:
     total = 0
     for mod in model.modules():
         if linear_only and not isinstance(mod, (Int4Linear, torch.nn.Linear)):
@@ -54,7 +54,8 @@ def _nbytes(model: torch.nn.Module, linear_only: bool) -> int:
         if linear_only and getattr(mod, "out_features", 0) == 3:  # the score head is never quantized
             continue
         for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
-            total += t.numel() * t.element_size()
+            if not cuda_only or t.is_cuda:
+                total += t.numel() * t.element_size()
     return total
 
 
@@ -90,10 +91,10 @@ def build(layers: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16
 
 
 @torch.no_grad()
-def probs(model: ScoringModel, ids: torch.Tensor) -> torch.Tensor:
+def probs(model: ScoringModel, ids: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
     mask = torch.ones_like(ids, dtype=torch.bool)
     pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    hidden = model(ids, mask, pos)
+    hidden = model(ids, mask, pos, emb)
     return model.logits(hidden, ids, mask).softmax(-1)
 
 
@@ -127,6 +128,14 @@ def run(layers: int = 32, seq: int = 128, rows: int = 8, timing: bool = False, d
             ids = torch.randint(0, 128256, (r, s), device=device)
             tq, td = _time(lambda: probs(qm, ids)), _time(lambda: probs(dm, ids))
             out[f"forward_ms_tokens={r * s}"] = {"4bit": tq * 1e3, "bf16": td * 1e3, "ratio": tq / td}
+    # the embedding table in host memory (Scorer's default for 4-bit): the same probabilities, bit for bit
+    ids = torch.randint(0, 128256, (rows, seq), device=device)
+    before = probs(qm, ids)
+    qm.model.embeddings_to_host()
+    after = probs(qm, ids, qm.model.host_embeddings(ids.cpu()).to(device))
+    out["host_embeddings_identical"] = bool(torch.equal(before, after))
+    out["bytes_4bit_gpu_host_table"] = _nbytes(qm, False, cuda_only=True)
+    out["gpu_bytes_ratio_host_table"] = out["bytes_4bit_gpu_host_table"] / out["bytes_bf16"]
     del qm, dm
     torch.cuda.empty_cache()
     return out

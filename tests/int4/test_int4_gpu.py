@@ -108,11 +108,14 @@ def test_gemv_every_m_to_16_agrees_with_gemm_tiles(shape, gs, v1, sym, act, dtyp
     for m in range(1, 17):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-        int4.gemv(x, w, out)
+        int4.gemv(x, w, out, ring=1)
         ref = reference_y(x, case, dtype, lin.bias)
         assert_close_rel(out, ref, dtype)
         tiles = int4.gemm_tiles(x, w, torch.empty(m, n, dtype=dtype, device="cuda"))
         assert_close_rel(out, tiles.float(), dtype)
+        # the bulk-copy ring (sm_90; ring 1 elsewhere) runs the same arithmetic in the same order
+        bulk = int4.gemv(x, w, torch.full((m, n), float("nan"), dtype=dtype, device="cuda"), ring=2)
+        assert torch.equal(bulk, out), f"ring 2 differs from ring 1 at m={m}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -127,9 +130,10 @@ def test_gemv_is_deterministic_and_reusable(m, dtype):
     assert chunk < w.qweight.shape[1], "this shape should split column blocks over several warps"
     x = torch.randn(m, 4160, device="cuda", dtype=dtype)
     first = int4.gemv(x, w, torch.empty(m, 1096, dtype=dtype, device="cuda")).clone()
-    for _ in range(3):
-        again = int4.gemv(x, w, torch.full((m, 1096), float("nan"), dtype=dtype, device="cuda"))
-        assert torch.equal(again, first)
+    assert int4.gemv_ring(w, int4.mt_of(m)) in int4.GEMV_RINGS
+    for ring in (None, *int4.GEMV_RINGS, None):
+        again = int4.gemv(x, w, torch.full((m, 1096), float("nan"), dtype=dtype, device="cuda"), ring)
+        assert torch.equal(again, first), ring
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -180,6 +184,8 @@ def test_wrappers_reject_bad_input():
     with pytest.raises(ValueError, match="x must have 1 to 16 rows"):
         int4.gemv(torch.randn(17, 96, device="cuda", dtype=torch.float16), w,
                   torch.empty(17, 40, device="cuda", dtype=torch.float16))
+    with pytest.raises(ValueError, match="ring must be one of"):
+        int4.gemv(x, w, torch.empty(3, 40, device="cuda", dtype=torch.float16), ring=3)
     with pytest.raises(ValueError, match="x must have 1 to 64 rows"):
         int4.gemm_small(torch.randn(65, 96, device="cuda", dtype=torch.float16), w,
                         torch.empty(65, 40, device="cuda", dtype=torch.float16))
@@ -215,4 +221,6 @@ def test_small_llama_gptq_on_gpu_matches_dequantized_bf16():
     res = model_check.run(layers=2, seq=64, rows=4)
     assert res["max_prob_diff"] < 2e-2, res
     assert res["linear_bytes_ratio"] <= 0.30, res
+    assert res["host_embeddings_identical"], res
+    assert res["bytes_4bit_gpu_host_table"] < res["bytes_4bit"], res
     assert np.isfinite(res["max_prob_diff"])

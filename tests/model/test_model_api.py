@@ -154,3 +154,32 @@ def test_cuda_asked_for_without_cuda_says_so(make_dir):
     with pytest.raises(ValueError, match="no CUDA GPU"):
         Scorer.from_pretrained(make_dir(), device="cuda")
     assert Scorer.from_pretrained(make_dir(), device="auto").device.type == "cpu"
+
+
+def test_inputs_embeds_and_host_gather_match_the_lookup(make_dir):
+    """The host-resident table's path on a CPU: rows gathered by host_embeddings and passed as
+    inputs_embeds give the model's own lookup bit for bit; bad ids and shapes are named."""
+    s = Scorer.from_pretrained(make_dir(), device="cpu")
+    lm = s.model.model
+    assert not lm.embeddings_on_host  # everything is on the CPU: nothing to move
+    enc = s.encode(TEXTS)
+    from scorer.batching import collate, pack
+
+    valid = [i for i, x in enumerate(enc.ids) if x is not None]
+    b = collate(enc.ids, valid, s.pad_id)
+    with torch.inference_mode():
+        want = s.model(b.input_ids, b.attention_mask, b.position_ids)
+        got = s.model(b.input_ids, b.attention_mask, b.position_ids, lm.host_embeddings(b.input_ids))
+        assert torch.equal(got, want)
+        p = pack(enc.ids, valid)
+        from scorer.model.llama import Packed
+
+        ctx = Packed(p.cu_seqlens, p.max_len)
+        assert torch.equal(lm.forward_packed(p.input_ids, p.position_ids, ctx, lm.host_embeddings(p.input_ids)),
+                           lm.forward_packed(p.input_ids, p.position_ids, ctx))
+        with pytest.raises(ValueError, match="vocab_size"):
+            lm.host_embeddings(torch.tensor([[0, s.cfg.vocab_size]]))
+        with pytest.raises(ValueError, match="inputs_embeds must be"):
+            s.model(b.input_ids, b.attention_mask, b.position_ids, lm.host_embeddings(b.input_ids)[:, 1:])
+    with pytest.raises(ValueError, match="embeddings must be"):
+        Scorer.from_pretrained(make_dir(), device="cpu", embeddings="gpu")

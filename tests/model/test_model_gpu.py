@@ -67,3 +67,25 @@ def test_cuda_compiled_layers_match_eager(make_dir):
     compiled = Scorer.from_pretrained(path, device="cuda", dtype="bfloat16", compile=True, max_batch_tokens=150)
     compiled.warmup()
     np.testing.assert_allclose(_probs(compiled.score(texts)), _probs(eager.score(texts)), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["packed", "padded"])
+def test_cuda_host_embedding_table_is_bit_identical(make_dir, attention):
+    """embeddings="host": the table leaves the GPU, rows are gathered on the CPU; same scores, bit for bit."""
+    import torch
+
+    path = make_dir(**SHAPE)
+    texts = TEXTS * 5
+    kw = dict(device="cuda", dtype="bfloat16", task="both", attention=attention, max_batch_tokens=100, compile=False)
+    dev = Scorer.from_pretrained(path, embeddings="device", **kw)
+    host = Scorer.from_pretrained(path, embeddings="host", **kw)
+    assert not dev.model.model.embeddings_on_host and host.model.model.embeddings_on_host
+    assert host.model.model.embed_tokens.weight.device.type == "cpu"
+    a, b = dev.score(texts), host.score(texts)
+    assert a.equals(b)
+    gpu = lambda s: sum(t.numel() * t.element_size() for t in s.model.parameters() if t.is_cuda)  # noqa: E731
+    table = dev.model.model.embed_tokens.weight
+    assert gpu(dev) - gpu(host) == table.numel() * table.element_size()
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        ids = torch.zeros(1, 3, dtype=torch.long, device="cuda")
+        host.model(ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(3, device="cuda")[None])

@@ -1,0 +1,148 @@
+"""How fast can one wave of warps stream a layer's bytes, by the order they read them in?
+
+    python benchmarks/read_pattern.py [--mib 256] [--warps-per-sm 24]
+
+gemv gives each warp of one wave a contiguous chunk of the layer (stream-K), so at any moment the wave
+reads ~3,000 addresses spread over the whole layer. A copy kernel instead sweeps: neighbouring warps read
+neighbouring bytes, so the addresses in flight sit in a narrow window. This times pure reads (no math) of
+one buffer in both orders, with 16-byte loads per lane (8 in flight per warp) and with bulk copies of
+2 KB into a 4-stage shared-memory ring (as gemv's ring 2), against a device-to-device copy: if the sweep
+is much faster, storing each warp's tiles interleaved (tile s of every warp side by side) would pay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import cupy
+import numpy as np
+import torch
+
+SRC = r"""
+typedef unsigned int u32;
+__device__ __forceinline__ uint4 ld(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 r;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+  return r;
+}
+// SWEEP 0: warp w reads its own contiguous chunk of `per` 512-byte pieces; 1: piece i of warp w sits at
+// i * W + w (all warps side by side)
+template <int SWEEP> __global__ void rd(const uint4* __restrict__ p, int per, u32* out) {
+  const int lane = threadIdx.x & 31, W = gridDim.x * (blockDim.x >> 5);
+  const int gw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  u32 acc = 0;
+  for (int i = 0; i < per; i += 8) {
+    uint4 v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const size_t piece = SWEEP ? (size_t)(i + u) * W + gw : (size_t)gw * per + i + u;
+      v[u] = ld(p + piece * 32 + lane);
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  if (acc == 0x9E3779B9u) out[0] = acc;
+}
+// the same through a 4-stage ring of 2 KB bulk copies per warp (4 pieces a stage)
+template <int SWEEP> __global__ void rd_bulk(const uint4* __restrict__ p, int per, u32* out) {
+  constexpr int S = 4, T = 4;
+  __shared__ __align__(128) uint4 ring_all[4 * S * T * 32];
+  __shared__ __align__(8) unsigned long long bar_all[4 * S];
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, W = gridDim.x * (blockDim.x >> 5);
+  const int gw = blockIdx.x * (blockDim.x >> 5) + wid;
+  uint4* ring = ring_all + wid * S * T * 32;
+  const u32 r0 = smem_addr(ring), b0 = smem_addr(bar_all + wid * S);
+  const int stages = per / T;
+  int issued = 0;
+  auto issue = [&](int st) {
+    if (issued < stages) {
+      const size_t piece = SWEEP ? ((size_t)issued * W + gw) * T : (size_t)gw * per + (size_t)issued * T;
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b0 + 8 * st), "r"(T * 512) : "memory");
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                   ::"r"(r0 + st * T * 512), "l"(p + piece * 32), "r"(T * 512), "r"(b0 + 8 * st) : "memory");
+      ++issued;
+    }
+  };
+  if (lane == 0) {
+    for (int st = 0; st < S; ++st) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b0 + 8 * st) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int st = 0; st < S; ++st) issue(st);
+  }
+  __syncwarp();
+  u32 acc = 0, phase = 0;
+  for (int i = 0, st = 0; i < stages; ++i) {
+    u32 done = 0;
+    while (!done)
+      asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
+                   : "=r"(done) : "r"(b0 + 8 * st), "r"((phase >> st) & 1u) : "memory");
+    phase ^= 1u << st;
+#pragma unroll
+    for (int u = 0; u < T; ++u) {
+      const uint4 v = ring[st * T * 32 + u * 32 + lane];
+      acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    __syncwarp();
+    if (lane == 0) issue(st);
+    st = st + 1 == S ? 0 : st + 1;
+  }
+  if (acc == 0x9E3779B9u) out[0] = acc;
+}
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--warps-per-sm", type=int, default=24)
+    a = ap.parse_args()
+    names = [f"rd<{s}>" for s in (0, 1)] + [f"rd_bulk<{s}>" for s in (0, 1)]
+    mod = cupy.RawModule(code=SRC, options=("-std=c++17",), name_expressions=names)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    blocks = sms * a.warps_per_sm // 4
+    W = blocks * 4
+    per = max(16, (a.mib * 2**20 // 512 // W) // 16 * 16)  # pieces per warp, a multiple of 16
+    nbytes = per * W * 512
+    bufs = [torch.randint(0, 2**31, (nbytes // 4,), dtype=torch.int32, device="cuda") for _ in range(3)]
+    out = torch.zeros(1, dtype=torch.int32, device="cuda")
+
+    def timed(fn) -> float:
+        ts = []
+        for r in range(12):
+            b = bufs[r % 3]
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn(b)
+            e.record()
+            e.synchronize()
+            ts.append(s.elapsed_time(e) / 1e3)
+        return float(np.median(ts[2:]))
+
+    print(f"# {torch.cuda.get_device_name()}: reads of {nbytes / 2**20:.0f} MiB by {W} warps "
+          f"({a.warps_per_sm} a SM), {per} pieces of 512 B each\n")
+    print("| pattern | us | TB/s |")
+    print("|---|---:|---:|")
+    dst = torch.empty_like(bufs[0])
+    t = timed(lambda b: dst.copy_(b))
+    print(f"| device copy (read + write counted) | {t * 1e6:.1f} | {2 * nbytes / t / 1e12:.2f} |")
+    for name, label in zip(names, ["chunk per warp, 16 B loads", "sweep, 16 B loads",
+                                   "chunk per warp, 2 KB bulk copies", "sweep, 2 KB bulk copies"]):
+        fn = mod.get_function(name)
+
+        def run(b, fn=fn):
+            with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+                fn((blocks,), (128,), (np.uint64(b.data_ptr()), np.int32(per), np.uint64(out.data_ptr())))
+
+        t = timed(run)
+        print(f"| {label} | {t * 1e6:.1f} | {nbytes / t / 1e12:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
