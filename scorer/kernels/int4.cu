@@ -472,6 +472,27 @@ __global__ void __launch_bounds__(Cfg<MT>::KW * 32)
 
 
 // ---------------------------------------------------------------------------------------------------
+// The fused kernels' input where it must be staged: xs[m][k] = x[m][perm[k]] (act-order; x[m][k] without
+// perm) for k < K and zero for K <= k < Kp, x's rows K apart and xs's Kp apart (Kp a multiple of 8).
+// 8 columns a thread, one 16-byte store; one launch instead of torch's index_select (+ pad and copy).
+__global__ void int4_stage_x(const u16* __restrict__ x, const int* __restrict__ perm, u16* __restrict__ xs,
+                             int K, int Kp) {
+  const int c8 = (blockIdx.x * blockDim.x + threadIdx.x) * 8, m = blockIdx.y;
+  if (c8 >= Kp) return;
+  const u16* xr = x + (size_t)m * K;
+  u32 v[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int k0 = c8 + 2 * i, k1 = k0 + 1;
+    const u32 lo = k0 < K ? (u32)ld_u16(xr + (perm != nullptr ? perm[k0] : k0)) : 0u;
+    const u32 hi = k1 < K ? (u32)ld_u16(xr + (perm != nullptr ? perm[k1] : k1)) : 0u;
+    v[i] = lo | (hi << 16);
+  }
+  st_v4(xs + (size_t)m * Kp + c8, make_uint4(v[0], v[1], v[2], v[3]));
+}
+
+
+// ---------------------------------------------------------------------------------------------------
 // Streaming fused GEMM for M <= 8 * MT rows (MT 1 or 2: m <= 16), where a layer is memory-bound:
 // y[M][N] = x[M][K] @ W + bias, x's columns in sequential order, rows ldx = Kp apart, zero in K..Kp.
 // Stream-K: the tiles of every column block, in memory order (nb, kt), are cut into equal contiguous

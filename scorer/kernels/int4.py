@@ -174,7 +174,7 @@ def available(device: torch.device) -> tuple[bool, str]:
 
 
 def _names() -> list[str]:
-    names = []
+    names = ["int4_stage_x"]
     for dt in (0, 1):
         names.append(f"int4_dequant<{dt}>")
         names.append(f"int4_dequant_rows<{dt}, true>")
@@ -267,10 +267,19 @@ def _gemv_layout(w: Int4Weight, m: int) -> tuple[int, int, tuple[int, int, int]]
     kp, _ = padded(w.k, w.n)
     nbk, kt = w.qweight.shape[:2]
     lay = gemv_layout(nbk, kt, _sm_count(w.qweight.device), wave=GEMV_WARPS * GEMV_BLOCKS[mt_of(m)])
-    stage = 0
-    if w.perm is not None or kp != w.k:
-        stage = _align(m * kp * 2) + (_align(m * w.k * 2) if w.perm is not None and kp != w.k else 0)
+    stage = _align(m * kp * 2) if w.perm is not None or kp != w.k else 0
     return stage, nbk * lay[2] * mt_of(m) * 8 * 64 * 4, lay
+
+
+def _stage_x(x: torch.Tensor, w: Int4Weight, xs: torch.Tensor) -> torch.Tensor:
+    """xs (M, Kp) <- x's columns in sequential order (gathered by perm under act-order), zero past K."""
+    import numpy as np
+
+    m, kp = xs.shape
+    fn = _kernel(x.device.index, "int4_stage_x")
+    with _stream(x.device):
+        fn((-(-kp // (8 * 128)), m), (128,), (_ptr(x), _ptr(w.perm), _ptr(xs), np.int32(w.k), np.int32(kp)))
+    return xs
 
 
 def scratch_bytes(w: Int4Weight) -> int:
@@ -424,9 +433,7 @@ def gemm_tiles(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tenso
     xg_bytes, part_bytes, _ = _tiles_layout(w, m)
     s = _get_scratch(dev, xg_bytes + part_bytes)
     if w.perm is not None:  # act-order: x's columns in sequential order (m x K, small)
-        xs = s.buf[: m * w.k * 2].view(w.dtype).view(m, w.k)
-        torch.index_select(x, 1, w.perm, out=xs)
-        x = xs
+        x = _stage_x(x, w, s.buf[: m * w.k * 2].view(w.dtype).view(m, w.k))
     smem = smem_of(mt)
     fn = _kernel(dev.index, f"int4_gemm_small<{_DT[w.dtype]}, {mt}>", smem)
     args = (_ptr(x), _ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(w.bias), _ptr(out),
@@ -453,19 +460,7 @@ def gemv(x: torch.Tensor, w: Int4Weight, out: torch.Tensor, ring: int | None = N
     stage, part, (chunk, warps, pmax) = _gemv_layout(w, m)
     s = _get_scratch(dev, stage + part)
     if stage:  # x with rows Kp apart and zeros past K, columns gathered under act-order
-        xs = s.buf[: m * kp * 2].view(w.dtype).view(m, kp)
-        if kp == w.k:
-            torch.index_select(x, 1, w.perm, out=xs)
-        else:
-            xs[:, w.k:].zero_()
-            if w.perm is not None:
-                off = _align(m * kp * 2)
-                tmp = s.buf[off: off + m * w.k * 2].view(w.dtype).view(m, w.k)
-                torch.index_select(x, 1, w.perm, out=tmp)
-                xs[:, : w.k].copy_(tmp)
-            else:
-                xs[:, : w.k].copy_(x)
-        x = xs
+        x = _stage_x(x, w, s.buf[: m * kp * 2].view(w.dtype).view(m, kp))
     fn = _kernel(dev.index, f"int4_gemv<{_DT[w.dtype]}, {mt_of(m)}, {ring}>")
     ws_ptr = np.uint64(s.buf.data_ptr() + stage)
     args = (_ptr(x), _ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(w.bias), _ptr(out), ws_ptr,
