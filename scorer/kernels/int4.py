@@ -221,11 +221,21 @@ def _kernel(index: int, name: str, smem: int = 0):
     return fn
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # CUDA builds: the handle in ~0.3 us
+
+
+def _raw_stream_of(device: torch.device) -> int:
+    """The cudaStream_t of torch's current stream on `device`."""
+    if _raw_stream is not None:
+        return _raw_stream(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def _stream(device: torch.device):
     """CuPy view of torch's current stream on `device` (cached per stream handle)."""
     import cupy
 
-    ptr = torch.cuda.current_stream(device).cuda_stream
+    ptr = _raw_stream_of(device)
     s = _streams.get(ptr)
     if s is None:
         with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream; it is the one CuPy 13 has too
@@ -277,8 +287,8 @@ def _stage_x(x: torch.Tensor, w: Int4Weight, xs: torch.Tensor) -> torch.Tensor:
 
     m, kp = xs.shape
     fn = _kernel(x.device.index, "int4_stage_x")
-    with _stream(x.device):
-        fn((-(-kp // (8 * 128)), m), (128,), (_ptr(x), _ptr(w.perm), _ptr(xs), np.int32(w.k), np.int32(kp)))
+    fn((-(-kp // (8 * 128)), m), (128,), (_ptr(x), _ptr(w.perm), _ptr(xs), np.int32(w.k), np.int32(kp)),
+       stream=_stream(x.device))
     return xs
 
 
@@ -398,8 +408,7 @@ def dequant(w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
     _, np_ = padded(w.k, w.n)
     args = (_ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(out), np.int32(w.k), np.int32(w.n),
             np.int32(np_), np.int32(kt), np.int32(w.n_groups), np.int32(w.group16))
-    with _stream(dev):
-        fn((nbk, -(-kt // 8)), (256,), args)
+    fn((nbk, -(-kt // 8)), (256,), args, stream=_stream(dev))
     return out
 
 
@@ -415,8 +424,7 @@ def dequant_rows(w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
     _, np_ = padded(w.k, w.n)
     args = (_ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(w.perm), _ptr(out), np.int32(w.k),
             np.int32(w.n), np.int32(np_), np.int32(kt), np.int32(w.n_groups), np.int32(w.group16), np.int32(units))
-    with _stream(dev):
-        fn((-(-units // 8),), (256,), args)
+    fn((-(-units // 8),), (256,), args, stream=_stream(dev))
     return out
 
 
@@ -439,38 +447,106 @@ def gemm_tiles(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tenso
     args = (_ptr(x), _ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(w.bias), _ptr(out),
             np.uint64(s.buf.data_ptr() + xg_bytes), _ptr(s.counters), np.int32(m), np.int32(w.k), np.int32(w.n),
             np.int32(np_), np.int32(kt), np.int32(w.n_groups), np.int32(w.group16), np.int32(per))
-    with _stream(dev):
-        fn((nbk, ks), (32 * warps_of(mt),), args, shared_mem=smem)
+    fn((nbk, ks), (32 * warps_of(mt),), args, shared_mem=smem, stream=_stream(dev))
     return out
+
+
+class _Launch:
+    """One kernel launch with its arguments packed once, as cuLaunchKernel's kernelParams: a call rewrites
+    the slots that change (x, out) and launches through the driver, skipping CuPy's per-call argument
+    conversion (~10 us of host time a launch, which is what a short batch of a 4-bit model waits on)."""
+
+    def __init__(self, fn, grid: tuple[int, ...], block: int, args: list) -> None:
+        import ctypes
+
+        import numpy as np
+
+        self.f = (fn.kernel if hasattr(fn, "kernel") else fn).ptr  # RawKernel -> its Function's CUfunction
+        self.grid = (*grid, 1, 1)[:3]
+        self.block = block
+        self.vals = [ctypes.c_uint64(int(a)) if isinstance(a, (np.uint64, _Slot)) else ctypes.c_int32(int(a))
+                     for a in args]
+        self.params = (ctypes.c_void_p * len(self.vals))(*[ctypes.addressof(v) for v in self.vals])
+        self.slots = {a.name: i for i, a in enumerate(args) if isinstance(a, _Slot)}
+
+    def __call__(self, stream: int, **ptrs: int) -> None:
+        import ctypes
+
+        from cupy.cuda import driver
+
+        for name, ptr in ptrs.items():
+            self.vals[self.slots[name]].value = ptr
+        driver.launchKernel(self.f, *self.grid, self.block, 1, 1, 0, stream, ctypes.addressof(self.params), 0)
+
+
+class _Slot(int):
+    """A pointer argument filled at each call (named, so a launch knows which slot is which)."""
+
+    def __new__(cls, name: str) -> "_Slot":
+        obj = super().__new__(cls, 0)
+        obj.name = name
+        return obj
+
+
+@dataclass
+class _GemvPlan:
+    """gemv's launches for one (layer, m, ring), built once."""
+
+    buf_ptr: int  # the scratch buffer they point into (a grown buffer invalidates the plan)
+    stage: _Launch | None  # int4_stage_x, when x is staged
+    main: _Launch
+    fix: _Launch
+    lock: threading.Lock
+
+
+def _gemv_plan(w: Int4Weight, m: int, ring: int) -> _GemvPlan:
+    import numpy as np
+
+    dev = w.qweight.device
+    kp, np_ = padded(w.k, w.n)
+    nbk, kt = w.qweight.shape[:2]
+    stage, part, (chunk, warps, pmax) = _gemv_layout(w, m)
+    s = _get_scratch(dev, stage + part)
+    base = s.buf.data_ptr()
+    i32 = np.int32
+    st = None
+    if stage:  # x with rows Kp apart and zeros past K, columns gathered under act-order
+        st = _Launch(_kernel(dev.index, "int4_stage_x"), (-(-kp // (8 * 128)), m), 128,
+                     [_Slot("x"), _ptr(w.perm), np.uint64(base), i32(w.k), i32(kp)])
+    ws = np.uint64(base + stage)
+    x = np.uint64(base) if stage else _Slot("x")
+    main = _Launch(_kernel(dev.index, f"int4_gemv<{_DT[w.dtype]}, {mt_of(m)}, {ring}>"), (-(-warps // GEMV_WARPS),),
+                   32 * GEMV_WARPS, [x, _ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(w.bias), _Slot("y"),
+                                     ws, i32(m), i32(kp), i32(w.n), i32(np_), i32(kt), i32(w.n_groups),
+                                     i32(w.group16), i32(chunk), i32(pmax)])
+    fix = _Launch(_kernel(dev.index, f"int4_gemv_fix<{_DT[w.dtype]}, {mt_of(m)}>"), (-(-(nbk * m * 32) // 256),), 256,
+                  [ws, _ptr(w.bias), _Slot("y"), i32(m), i32(w.n), i32(np_), i32(kt), i32(chunk), i32(pmax)])
+    return _GemvPlan(base, st, main, fix, threading.Lock())
 
 
 def gemv(x: torch.Tensor, w: Int4Weight, out: torch.Tensor, ring: int | None = None) -> torch.Tensor:
     """out (M, N) <- x (M, K) @ W + bias for 1 <= M <= 16: the stream-K fused 4-bit GEMM.
-    ring: 1 or 2 (GEMV_RINGS), or None for the one `gemv_ring` measured faster on this layer."""
-    import numpy as np
-
+    ring: 1 or 2 (GEMV_RINGS), or None for the one `gemv_ring` measured faster on this layer.
+    The launches of each (m, ring) are planned once per layer (host time is what a short batch pays)."""
     m = _check_fused(x, w, out, "gemv", GEMV_MAX_M)
     if ring is None:
         ring = gemv_ring(w, mt_of(m))
     elif ring not in GEMV_RINGS:
         raise ValueError(f"gemv: ring must be one of {GEMV_RINGS}, not {ring!r}")
     dev = w.qweight.device
-    kp, np_ = padded(w.k, w.n)
-    nbk, kt = w.qweight.shape[:2]
-    stage, part, (chunk, warps, pmax) = _gemv_layout(w, m)
-    s = _get_scratch(dev, stage + part)
-    if stage:  # x with rows Kp apart and zeros past K, columns gathered under act-order
-        x = _stage_x(x, w, s.buf[: m * kp * 2].view(w.dtype).view(m, kp))
-    fn = _kernel(dev.index, f"int4_gemv<{_DT[w.dtype]}, {mt_of(m)}, {ring}>")
-    ws_ptr = np.uint64(s.buf.data_ptr() + stage)
-    args = (_ptr(x), _ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(w.bias), _ptr(out), ws_ptr,
-            np.int32(m), np.int32(kp), np.int32(w.n), np.int32(np_), np.int32(kt), np.int32(w.n_groups),
-            np.int32(w.group16), np.int32(chunk), np.int32(pmax))
-    fix = _kernel(dev.index, f"int4_gemv_fix<{_DT[w.dtype]}, {mt_of(m)}>")
-    with _stream(dev):
-        fn((-(-warps // GEMV_WARPS),), (32 * GEMV_WARPS,), args)
-        fix((-(-(nbk * m * 32) // 256),), (256,), (ws_ptr, _ptr(w.bias), _ptr(out), np.int32(m), np.int32(w.n),
-                                                   np.int32(np_), np.int32(kt), np.int32(chunk), np.int32(pmax)))
+    plans = w.__dict__.setdefault("_plans", {})
+    plan = plans.get((m, ring))
+    buf = _scratch[dev.index].buf if dev.index in _scratch else None
+    if plan is None or buf is None or buf.data_ptr() != plan.buf_ptr:
+        plan = plans[(m, ring)] = _gemv_plan(w, m, ring)
+    stream = _raw_stream_of(dev)
+    with plan.lock:  # the packed arguments are rewritten per call
+        if plan.stage is not None:
+            plan.stage(stream, x=x.data_ptr())
+            plan.main(stream, y=out.data_ptr())
+        else:
+            plan.main(stream, x=x.data_ptr(), y=out.data_ptr())
+        plan.fix(stream, y=out.data_ptr())
     return out
 
 
@@ -505,6 +581,9 @@ _rings: dict[tuple, int] = {}
 def gemv_ring(w: Int4Weight, mt: int) -> int:
     """The faster of gemv's rings for this layer at mt row tiles, timed once per (device, K, N, dtype,
     act-order, mt) at first use. Ring 2 needs sm_90 (elsewhere it builds as ring 1: nothing to time)."""
+    r = w.__dict__.get("_ring", {}).get(mt)  # this layer's own answer: no key to build
+    if r is not None:
+        return r
     dev = w.qweight.device
     key = (dev.index, w.k, w.n, w.dtype, w.perm is not None, mt)
     r = _rings.get(key)
@@ -524,6 +603,7 @@ def gemv_ring(w: Int4Weight, mt: int) -> int:
             r = _rings[key] = min(times, key=times.get)
             log.debug("int4 gemv K=%d N=%d m<=%d: ring 1 %.1f us, ring 2 %.1f us", w.k, w.n, m,
                       times[1] * 1e6, times[2] * 1e6)
+    w.__dict__.setdefault("_ring", {})[mt] = r
     return r
 
 
@@ -532,12 +612,16 @@ _crossover: dict[tuple, int] = {}
 
 def crossover(w: Int4Weight) -> int:
     """Largest m for which gemm_small is used (0: never); measured once per (device, K, N, dtype, act)."""
+    c = w.__dict__.get("_crossover")
+    if c is not None:
+        return c
     key = (w.qweight.device.index, w.k, w.n, w.dtype, w.perm is not None)
     c = _crossover.get(key)
     if c is None:
         if torch.cuda.is_current_stream_capturing():
             return 16  # cannot time inside a graph capture; a safe middle until measured outside one
         c = _crossover[key] = measure_crossover(w)
+    w.__dict__["_crossover"] = c
     return c
 
 

@@ -134,6 +134,12 @@ def test_gemv_is_deterministic_and_reusable(m, dtype):
     for ring in (None, *int4.GEMV_RINGS, None):
         again = int4.gemv(x, w, torch.full((m, 1096), float("nan"), dtype=dtype, device="cuda"), ring)
         assert torch.equal(again, first), ring
+    # the scratch buffer grows (a larger layer, say): the launch plans pointing into the old one are rebuilt
+    old = int4._get_scratch(x.device, 0).buf.data_ptr()
+    int4._get_scratch(x.device, int4._get_scratch(x.device, 0).buf.numel() + 2**20)
+    assert int4._get_scratch(x.device, 0).buf.data_ptr() != old
+    again = int4.gemv(x, w, torch.full((m, 1096), float("nan"), dtype=dtype, device="cuda"))
+    assert torch.equal(again, first)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -221,3 +221,23 @@ def test_gemv_fp16_in_place_nibble_trick_is_exact():
             # fma.rn(1024 + 16q, 1/16, -(64 + z)): the exact real result is an integer, so no rounding
             exact = (1024 + 16 * q) / 16 - (64 + z)
             assert exact == q - z and float(np.float16(exact)) == exact
+
+
+def test_launch_packs_kernel_params_once_and_rewrites_only_its_slots():
+    """gemv's launches pack cuLaunchKernel's kernelParams once: pointers as 8 bytes, ints as 4, in order;
+    a call rewrites only the named slots (x, y) and leaves the fixed arguments as packed."""
+    import ctypes
+
+    class Fn:
+        ptr = 0xF00D
+
+    args = [int4._Slot("x"), np.uint64(2**40 + 3), np.int32(-7), int4._Slot("y"), np.int32(2**31 - 1)]
+    launch = int4._Launch(Fn(), (9, 2), 128, args)
+    assert launch.f == 0xF00D and launch.grid == (9, 2, 1) and launch.slots == {"x": 0, "y": 3}
+    params = ctypes.cast(launch.params, ctypes.POINTER(ctypes.c_void_p))
+    read = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int32, ctypes.c_uint64, ctypes.c_int32]
+    assert [t.from_address(params[i]).value for i, t in enumerate(read)] == [0, 2**40 + 3, -7, 0, 2**31 - 1]
+    for name, ptr in {"x": 2**47 + 16, "y": 2**45 + 32}.items():  # what __call__ does before the launch
+        launch.vals[launch.slots[name]].value = ptr
+    assert [t.from_address(params[i]).value for i, t in enumerate(read)] == [2**47 + 16, 2**40 + 3, -7, 2**45 + 32,
+                                                                            2**31 - 1]
