@@ -2,7 +2,9 @@
 # Everything that needs a GPU, in one go, each step under its own time limit; logs and JSON land in $OUT.
 #   OUT=/tmp/out bash benchmarks/gpu_all.sh [tests] [int4tests] [e2e] [pipeline] [int4] [70b] [profile]
 #   (default: tests e2e pipeline int4 70b)
-# On the lent GPU machine (no Ray or pydantic there) unpack the carried .gpuenv first:
+# On the lent GPU machine (no Ray or pydantic there) pack them here, carry .gpuenv and unpack it first:
+#   ../shared/tools/gpu-env pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+#       typing-inspection==0.4.5 typing-extensions==4.16.0          # Ray + what `scorer run` imports
 #   mkdir -p /tmp/site && tar -xJf .gpuenv/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -25,7 +25,7 @@ import logging
 import statistics
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -115,6 +115,10 @@ class Int4Weight:
     k: int
     n: int
     group16: int  # rows per group / 16 (row block kt is in group min(kt // group16, G - 1))
+    # measured or planned once per layer, at first use (see gemv_ring, crossover, gemv)
+    rings: dict[int, int] = field(default_factory=dict, repr=False, compare=False)  # mt -> gemv ring
+    cross: int | None = field(default=None, repr=False, compare=False)  # the fused path's largest m
+    plans: dict[tuple[int, int], "_GemvPlan"] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -534,7 +538,7 @@ def gemv(x: torch.Tensor, w: Int4Weight, out: torch.Tensor, ring: int | None = N
     elif ring not in GEMV_RINGS:
         raise ValueError(f"gemv: ring must be one of {GEMV_RINGS}, not {ring!r}")
     dev = w.qweight.device
-    plans = w.__dict__.setdefault("_plans", {})
+    plans = w.plans
     plan = plans.get((m, ring))
     buf = _scratch[dev.index].buf if dev.index in _scratch else None
     if plan is None or buf is None or buf.data_ptr() != plan.buf_ptr:
@@ -581,7 +585,7 @@ _rings: dict[tuple, int] = {}
 def gemv_ring(w: Int4Weight, mt: int) -> int:
     """The faster of gemv's rings for this layer at mt row tiles, timed once per (device, K, N, dtype,
     act-order, mt) at first use. Ring 2 needs sm_90 (elsewhere it builds as ring 1: nothing to time)."""
-    r = w.__dict__.get("_ring", {}).get(mt)  # this layer's own answer: no key to build
+    r = w.rings.get(mt)  # this layer's own answer: no key to build
     if r is not None:
         return r
     dev = w.qweight.device
@@ -603,7 +607,7 @@ def gemv_ring(w: Int4Weight, mt: int) -> int:
             r = _rings[key] = min(times, key=times.get)
             log.debug("int4 gemv K=%d N=%d m<=%d: ring 1 %.1f us, ring 2 %.1f us", w.k, w.n, m,
                       times[1] * 1e6, times[2] * 1e6)
-    w.__dict__.setdefault("_ring", {})[mt] = r
+    w.rings[mt] = r
     return r
 
 
@@ -612,16 +616,15 @@ _crossover: dict[tuple, int] = {}
 
 def crossover(w: Int4Weight) -> int:
     """Largest m for which gemm_small is used (0: never); measured once per (device, K, N, dtype, act)."""
-    c = w.__dict__.get("_crossover")
-    if c is not None:
-        return c
+    if w.cross is not None:
+        return w.cross
     key = (w.qweight.device.index, w.k, w.n, w.dtype, w.perm is not None)
     c = _crossover.get(key)
     if c is None:
         if torch.cuda.is_current_stream_capturing():
             return 16  # cannot time inside a graph capture; a safe middle until measured outside one
         c = _crossover[key] = measure_crossover(w)
-    w.__dict__["_crossover"] = c
+    w.cross = c
     return c
 
 
