@@ -763,6 +763,16 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
     }
   };
 
+  auto consume2 = [&](const uint4& wv, const uint2 (&xp)[MT]) {  // x fragments held as one uint2 a row tile
+    u32 xv[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      xv[mt][0] = xp[mt].x;
+      xv[mt][1] = xp[mt].y;
+    }
+    consume(wv, xv);
+  };
+
   const uint4* wp = wq + (size_t)beg * 32 + lane;  // the next tile to fetch (all tiles are in memory order)
   const int xwrap = 16 * KT;
   int fetched = beg, xoff = 16 * kt;  // its index, and its x column offset (wraps at 16 KT)
@@ -790,13 +800,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
 #pragma unroll
       for (int d = 0; d < D; ++d) {
         if (i + d < end) {
-          u32 xv[MT][2];
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            xv[mt][0] = xb[d][mt].x;
-            xv[mt][1] = xb[d][mt].y;
-          }
-          consume(wb[d], xv);
+          consume2(wb[d], xb[d]);
           fetch(wb[d], xb[d]);  // refill this slot, D tiles ahead
         }
       }
@@ -851,13 +855,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
 #pragma unroll
       for (int u = 0; u < T; ++u) {
         if (i + u < end) {
-          u32 xv[MT][2];
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            xv[mt][0] = xc[u][mt].x;
-            xv[mt][1] = xc[u][mt].y;
-          }
-          consume(sp[u * 32], xv);
+          consume2(sp[u * 32], xc[u]);
         }
       }
       __syncwarp();  // every lane has read slot st
