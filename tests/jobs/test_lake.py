@@ -134,6 +134,23 @@ def test_s3_round_trip(s3):
         assert pq.read_table(f).equals(big)
 
 
+
+def test_s3_client_follows_credentials_rotated_in_the_environment(s3, monkeypatch):
+    """A long-lived driver caches its S3 client per storage settings (lake._s3); keys rotated in its
+    environment must still reach the next call, since the AWS SDK's provider chain under pyarrow reads the
+    environment per request: wrong keys are refused, the right ones then work, in the same process."""
+    opts = lake.StorageOptions(endpoint=s3, region="us-east-1")
+    write_shards("lake/rotate/in", [4], fs=lake.resolve("s3://lake/x", opts).fs)
+    loc = lake.resolve("s3://lake/rotate/in", opts)
+    assert len(lake.list_shards(loc)) == 1
+    good = os.environ["AWS_SECRET_ACCESS_KEY"]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a-revoked-secret")
+    with pytest.raises(OSError):
+        lake.list_shards(lake.resolve("s3://lake/rotate/in", opts))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", good)
+    assert len(lake.list_shards(lake.resolve("s3://lake/rotate/in", opts))) == 1
+    assert lake.resolve("s3://lake/x", opts).fs is lake.resolve("s3://lake/y", opts).fs  # still cached
+
 def test_iter_batches_memory_stays_near_a_row_group(tmp_path):
     """A large shard is read row group by row group: Arrow memory in flight stays well under the file's."""
     n = 200_000
