@@ -154,6 +154,17 @@ template <int MT> __device__ __forceinline__ void zero_acc(float (&acc)[4][MT][4
       for (int r = 0; r < 4; ++r) acc[j][mt][r] = 0.f;
 }
 
+// x fragments of MT row tiles that cp.async staged in shared memory: row tile mt's 8 bytes for this lane
+// at p + 256 mt + 8 lane, as the two B registers of mma.m16n8k16.
+template <int MT> __device__ __forceinline__ void lds_x(const char* p, int lane, u32 (&xv)[MT][2]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p + mt * 256 + 8 * lane);
+    xv[mt][0] = v.x;
+    xv[mt][1] = v.y;
+  }
+}
+
 __device__ __forceinline__ u32 smem_addr(const void* p) {
   u32 r;
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
@@ -371,12 +382,7 @@ __global__ void __launch_bounds__(Cfg<MT>::KW * 32)
     }
     const uint4 wv = *reinterpret_cast<const uint4*>(st + 16 * lane);
     u32 xb[MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const uint2 v = *reinterpret_cast<const uint2*>(st + 1152 + mt * 256 + 8 * lane);
-      xb[mt][0] = v.x;
-      xb[mt][1] = v.y;
-    }
+    lds_x<MT>(st + 1152, lane, xb);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const u32 w = word(wv, j);
@@ -900,12 +906,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
       const char* st = ring + slot * STAGE;
       const uint4 wv = *reinterpret_cast<const uint4*>(st + 16 * lane);
       u32 xv[MT][2];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const uint2 v = *reinterpret_cast<const uint2*>(st + 512 + mt * 256 + 8 * lane);
-        xv[mt][0] = v.x;
-        xv[mt][1] = v.y;
-      }
+      lds_x<MT>(st + 512, lane, xv);
       consume(wv, xv);
       if (++slot == S) slot = 0;
       if (slot == burst * T + T || slot == 0) burst = slot / T;
