@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-import cupy
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cupy  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from scorer.kernels import int4  # noqa: E402
+
+# The kernels below use int4.cu's own primitives (the 16-byte streaming load, shared-memory addresses,
+# the mbarrier and bulk-copy wrappers gemv's ring 2 issues), so they stream the way gemv does; the source
+# is appended to int4.cu's, built without the evict-first hint these figures were taken without.
 SRC = r"""
-typedef unsigned int u32;
-__device__ __forceinline__ uint4 ld(const uint4* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-  return r;
-}
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-  u32 r;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-  return r;
-}
 // SWEEP 0: warp w reads its own contiguous chunk of `per` 512-byte pieces; 1: piece i of warp w sits at
 // i * W + w (all warps side by side)
 template <int SWEEP> __global__ void rd(const uint4* __restrict__ p, int per, u32* out) {
@@ -43,7 +39,7 @@ template <int SWEEP> __global__ void rd(const uint4* __restrict__ p, int per, u3
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
       const size_t piece = SWEEP ? (size_t)(i + u) * W + gw : (size_t)gw * per + i + u;
-      v[u] = ld(p + piece * 32 + lane);
+      v[u] = ld_stream_v4(p + piece * 32 + lane);
     }
 #pragma unroll
     for (int u = 0; u < 8; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
@@ -64,24 +60,20 @@ template <int SWEEP> __global__ void rd_bulk(const uint4* __restrict__ p, int pe
   auto issue = [&](int st) {
     if (issued < stages) {
       const size_t piece = SWEEP ? ((size_t)issued * W + gw) * T : (size_t)gw * per + (size_t)issued * T;
-      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b0 + 8 * st), "r"(T * 512) : "memory");
-      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                   ::"r"(r0 + st * T * 512), "l"(p + piece * 32), "r"(T * 512), "r"(b0 + 8 * st) : "memory");
+      mbar_expect_tx(b0 + 8 * st, T * 512);
+      bulk_g2s(r0 + st * T * 512, p + piece * 32, T * 512, b0 + 8 * st);
       ++issued;
     }
   };
   if (lane == 0) {
-    for (int st = 0; st < S; ++st) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b0 + 8 * st) : "memory");
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int st = 0; st < S; ++st) mbar_init(b0 + 8 * st, 1);
+    mbar_init_fence();
     for (int st = 0; st < S; ++st) issue(st);
   }
   __syncwarp();
   u32 acc = 0, phase = 0;
   for (int i = 0, st = 0; i < stages; ++i) {
-    u32 done = 0;
-    while (!done)
-      asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
-                   : "=r"(done) : "r"(b0 + 8 * st), "r"((phase >> st) & 1u) : "memory");
+    mbar_wait(b0 + 8 * st, (phase >> st) & 1u);
     phase ^= 1u << st;
 #pragma unroll
     for (int u = 0; u < T; ++u) {
@@ -103,7 +95,8 @@ def main() -> int:
     ap.add_argument("--warps-per-sm", type=int, default=24)
     a = ap.parse_args()
     names = [f"rd<{s}>" for s in (0, 1)] + [f"rd_bulk<{s}>" for s in (0, 1)]
-    mod = cupy.RawModule(code=SRC, options=("-std=c++17",), name_expressions=names)
+    mod = cupy.RawModule(code=int4.SOURCE.read_text() + SRC, options=("-std=c++17", "-DGEMV_HINT=0"),
+                         name_expressions=names)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     blocks = sms * a.warps_per_sm // 4
     W = blocks * 4
