@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from scorer.bench import SHAPES, hf_config, synthetic_lengths  # noqa: E402
+from scorer.bench import SHAPES, hf_config, synthetic_lengths, weight_gib  # noqa: E402
 
 WORDS = 3000
 
@@ -182,8 +182,7 @@ def main() -> int:
     sc = Scorer.from_pretrained(work / "model", device=device, max_length=2048, max_batch_tokens=a.max_batch_tokens)
     sync()
     load_s = time.perf_counter() - t0
-    weights = sum(x.numel() * x.element_size() for x in list(sc.model.parameters()) + list(sc.model.buffers())
-                  if x.device.type == device)
+    weights = weight_gib(sc.model, device)
     enc = sc.encode(texts)
     sc.warmup()  # what the job's workers do before their first shard
     sync()
@@ -194,7 +193,7 @@ def main() -> int:
     tokens = int(enc.n_tokens.sum())
     model_tps = tokens / model_s
     print(f"model only: {tokens:,} tokens in {model_s:.1f} s = {model_tps:,.0f} tok/s; load {load_s:.1f} s; "
-          f"{'GPU ' if device == 'cuda' else ''}weights {weights / 2**30:.2f} GiB; padding eff. "
+          f"{'GPU ' if device == 'cuda' else ''}weights {weights:.2f} GiB; padding eff. "
           f"{sc.last_stats.padding_efficiency:.2f}", flush=True)
     del sc
     if device == "cuda":
@@ -230,7 +229,7 @@ def main() -> int:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "pipeline_gpu.json").write_text(json.dumps(dict(
             device=torch.cuda.get_device_name() if device == "cuda" else "cpu", texts=len(texts), tokens=tokens,
-            model_tps=model_tps, load_s=load_s, weights_gib=weights / 2**30, runs=runs), indent=1))
+            model_tps=model_tps, load_s=load_s, weights_gib=weights, runs=runs), indent=1))
     return 0 if ok else 1
 
 

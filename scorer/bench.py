@@ -271,12 +271,18 @@ def fill_random_gptq(mod: torch.nn.Module, gen: torch.Generator) -> None:
         mod.bias.zero_()
 
 
+def weight_gib(model: torch.nn.Module, device_type: str = "cuda") -> float:
+    """GiB of the model's parameters and buffers on `device_type` (a host-resident embedding table is not
+    GPU memory)."""
+    ts = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in ts if t.device.type == device_type) / 2**30
+
+
 def bench_scorer(shape: str, ids: list[list[int]], v: Variant, max_batch_tokens: int) -> Row:
     from scorer.api import Encoded
 
     sc = random_scorer(shape, v, max_batch_tokens)
-    weight = sum(t.numel() * t.element_size() for t in list(sc.model.parameters()) + list(sc.model.buffers())
-                 if t.is_cuda) / 2**30  # GPU weight memory (a host-resident embedding table not counted)
+    weight = weight_gib(sc.model)
     n = len(ids)
     lengths = np.array([len(x) for x in ids], dtype=np.int32)
     enc = Encoded(list(ids), lengths, np.zeros(n, dtype=bool), [None] * n)

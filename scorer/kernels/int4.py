@@ -291,9 +291,16 @@ def _stage_x(x: torch.Tensor, w: Int4Weight, xs: torch.Tensor) -> torch.Tensor:
 
     m, kp = xs.shape
     fn = _kernel(x.device.index, "int4_stage_x")
-    fn((-(-kp // (8 * 128)), m), (128,), (_ptr(x), _ptr(w.perm), _ptr(xs), np.int32(w.k), np.int32(kp)),
+    fn(_stage_grid(m, kp), (_STAGE_BLOCK,), (_ptr(x), _ptr(w.perm), _ptr(xs), np.int32(w.k), np.int32(kp)),
        stream=_stream(x.device))
     return xs
+
+
+_STAGE_BLOCK = 128  # threads a block of int4_stage_x, 8 columns each
+
+
+def _stage_grid(m: int, kp: int) -> tuple[int, int]:
+    return -(-kp // (8 * _STAGE_BLOCK)), m
 
 
 def scratch_bytes(w: Int4Weight) -> int:
@@ -471,16 +478,26 @@ class _Launch:
         self.vals = [ctypes.c_uint64(int(a)) if isinstance(a, (np.uint64, _Slot)) else ctypes.c_int32(int(a))
                      for a in args]
         self.params = (ctypes.c_void_p * len(self.vals))(*[ctypes.addressof(v) for v in self.vals])
+        self.params_ptr = ctypes.addressof(self.params)
         self.slots = {a.name: i for i, a in enumerate(args) if isinstance(a, _Slot)}
 
     def __call__(self, stream: int, **ptrs: int) -> None:
-        import ctypes
-
-        from cupy.cuda import driver
-
         for name, ptr in ptrs.items():
             self.vals[self.slots[name]].value = ptr
-        driver.launchKernel(self.f, *self.grid, self.block, 1, 1, 0, stream, ctypes.addressof(self.params), 0)
+        _driver().launchKernel(self.f, *self.grid, self.block, 1, 1, 0, stream, self.params_ptr, 0)
+
+
+_cupy_driver = None
+
+
+def _driver():
+    """cupy.cuda.driver, imported once (a launch is on a short batch's hot path)."""
+    global _cupy_driver
+    if _cupy_driver is None:
+        from cupy.cuda import driver
+
+        _cupy_driver = driver
+    return _cupy_driver
 
 
 class _Slot(int):
@@ -515,7 +532,7 @@ def _gemv_plan(w: Int4Weight, m: int, ring: int) -> _GemvPlan:
     i32 = np.int32
     st = None
     if stage:  # x with rows Kp apart and zeros past K, columns gathered under act-order
-        st = _Launch(_kernel(dev.index, "int4_stage_x"), (-(-kp // (8 * 128)), m), 128,
+        st = _Launch(_kernel(dev.index, "int4_stage_x"), _stage_grid(m, kp), _STAGE_BLOCK,
                      [_Slot("x"), _ptr(w.perm), np.uint64(base), i32(w.k), i32(kp)])
     ws = np.uint64(base + stage)
     x = np.uint64(base) if stage else _Slot("x")

@@ -237,7 +237,20 @@ def test_launch_packs_kernel_params_once_and_rewrites_only_its_slots():
     params = ctypes.cast(launch.params, ctypes.POINTER(ctypes.c_void_p))
     read = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int32, ctypes.c_uint64, ctypes.c_int32]
     assert [t.from_address(params[i]).value for i, t in enumerate(read)] == [0, 2**40 + 3, -7, 0, 2**31 - 1]
-    for name, ptr in {"x": 2**47 + 16, "y": 2**45 + 32}.items():  # what __call__ does before the launch
-        launch.vals[launch.slots[name]].value = ptr
-    assert [t.from_address(params[i]).value for i, t in enumerate(read)] == [2**47 + 16, 2**40 + 3, -7, 2**45 + 32,
-                                                                            2**31 - 1]
+    # __call__ with a stand-in for cupy.cuda.driver (no GPU here): what reaches cuLaunchKernel
+    seen = []
+
+    class Driver:
+        @staticmethod
+        def launchKernel(*a):
+            params = ctypes.cast(a[9], ctypes.POINTER(ctypes.c_void_p))
+            seen.append((a[:9], a[10], [t.from_address(params[i]).value for i, t in enumerate(read)]))
+
+    saved, int4._cupy_driver = int4._cupy_driver, Driver
+    try:
+        launch(77, x=2**47 + 16, y=2**45 + 32)
+        launch(78, y=2**45 + 64)
+    finally:
+        int4._cupy_driver = saved
+    assert seen == [((0xF00D, 9, 2, 1, 128, 1, 1, 0, 77), 0, [2**47 + 16, 2**40 + 3, -7, 2**45 + 32, 2**31 - 1]),
+                    ((0xF00D, 9, 2, 1, 128, 1, 1, 0, 78), 0, [2**47 + 16, 2**40 + 3, -7, 2**45 + 64, 2**31 - 1])]
