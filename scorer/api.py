@@ -36,7 +36,7 @@ import torch
 
 from scorer.batching import collate, pack, plan_batches, plan_packed
 from scorer.model.config import LlamaConfig
-from scorer.model.heads import POOLINGS, ScoringModel, activate
+from scorer.model.heads import POOLINGS, ScoringModel, activate, finish_embedding
 from scorer.model.llama import Packed, compile_layers, fuse_projections, varlen_supported
 from scorer.model.load import TextEncoder, _parse_dtype, load_model, weight_files
 
@@ -264,21 +264,29 @@ class Scorer:
                     b = pack(enc.ids, valid[part])
                     rows_emb = self._host_embeddings(b.input_ids)
                     b = b.to(self.device)
+                    keep = self.model.keep_index(b.input_ids, classify, embed, s.pooling, cu_seqlens=b.cu_seqlens)
                     hidden = self.model.model.forward_packed(b.input_ids, b.position_ids,
-                                                             Packed(b.cu_seqlens, b.max_len), rows_emb)
-                    if classify:
-                        lg = self.model.logits_packed(hidden, b.input_ids, b.cu_seqlens)
-                    if embed:
-                        e = self.model.embed_packed(hidden, b.cu_seqlens, s.pooling, s.normalize, s.dimensions)
+                                                             Packed(b.cu_seqlens, b.max_len), rows_emb, keep)
+                    if keep is not None:
+                        lg, e = self._outputs_of_kept(hidden, classify, embed)
+                    else:
+                        if classify:
+                            lg = self.model.logits_packed(hidden, b.input_ids, b.cu_seqlens)
+                        if embed:
+                            e = self.model.embed_packed(hidden, b.cu_seqlens, s.pooling, s.normalize, s.dimensions)
                 else:
                     b = collate(enc.ids, valid[part], self.pad_id)
                     rows_emb = self._host_embeddings(b.input_ids)
                     b = b.to(self.device)
-                    hidden = self.model(b.input_ids, b.attention_mask, b.position_ids, rows_emb)  # (B, T, H)
-                    if classify:
-                        lg = self.model.logits(hidden, b.input_ids, b.attention_mask)
-                    if embed:
-                        e = self.model.embed(hidden, b.attention_mask, s.pooling, s.normalize, s.dimensions)
+                    keep = self.model.keep_index(b.input_ids, classify, embed, s.pooling, b.attention_mask)
+                    hidden = self.model.model(b.input_ids, b.attention_mask, b.position_ids, rows_emb, keep)
+                    if keep is not None:  # (K, H): the tokens the heads read
+                        lg, e = self._outputs_of_kept(hidden, classify, embed)
+                    else:  # (B, T, H)
+                        if classify:
+                            lg = self.model.logits(hidden, b.input_ids, b.attention_mask)
+                        if embed:
+                            e = self.model.embed(hidden, b.attention_mask, s.pooling, s.normalize, s.dimensions)
                 # device -> host without a sync per batch (pinned, non-blocking); read after the loop
                 nb = self.device.type == "cuda"
                 outs.append((b.rows, None if lg is None else lg.to("cpu", non_blocking=nb),
@@ -298,6 +306,16 @@ class Scorer:
         stats.seconds = time.perf_counter() - t0
         self.last_stats = stats
         return table
+
+    def _outputs_of_kept(self, hidden: torch.Tensor, classify: bool, embed: bool
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits, embeddings) from the kept tokens' hidden states (ScoringModel.keep_index's order:
+        the classifier tokens, then the pooled ones)."""
+        s = self.settings
+        n = hidden.shape[0] // (int(classify) + int(embed))
+        lg = self.model.logits_of(hidden[:n]) if classify else None
+        e = finish_embedding(hidden[n if classify else 0:][:n].float(), s.normalize, s.dimensions) if embed else None
+        return lg, e
 
     def _host_embeddings(self, ids: torch.Tensor) -> torch.Tensor | None:
         """A batch's embedding rows when the table is in host memory (else None: the model looks them up):

@@ -136,11 +136,38 @@ class ScoringModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, num_labels) fp32 logits at each row's classifier token."""
+        idx = classifier_token_index(input_ids, attention_mask, self.cfg.pad_token_id)
+        return self.logits_of(hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])
+
+    def logits_of(self, picked: torch.Tensor) -> torch.Tensor:
+        """(B, H) hidden states of the classifier tokens -> (B, num_labels) fp32 logits."""
         if self.score is None:
             raise ValueError(f"{self.cfg.path}: architecture {self.cfg.architecture} has no classification head")
-        idx = classifier_token_index(input_ids, attention_mask, self.cfg.pad_token_id)
-        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
         return self.score(picked).float()
+
+    def keep_index(
+        self, input_ids: torch.Tensor, classify: bool, embed: bool, pooling: str,
+        attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """Flat token indices the outputs read, for the backbone's `keep`: each row's classifier token
+        (classify), then each row's pooled token (embed); None when an output reads every token (mean
+        pooling). A packed batch (cu_seqlens) indexes its N tokens, a padded one (attention_mask) its B*T."""
+        if embed and pooling == "mean":
+            return None
+        parts = []
+        if cu_seqlens is not None:
+            if classify:
+                parts.append(packed_index(cu_seqlens, "classifier", input_ids, self.cfg.pad_token_id))
+            if embed:
+                parts.append(packed_index(cu_seqlens, pooling))
+        else:
+            B, T = attention_mask.shape
+            base = torch.arange(B, device=attention_mask.device) * T
+            if classify:
+                parts.append(base + classifier_token_index(input_ids, attention_mask, self.cfg.pad_token_id))
+            if embed:
+                parts.append(base + (last_real_index if pooling == "last" else first_real_index)(attention_mask))
+        return torch.cat(parts) if parts else None
 
     def embed(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "last",
@@ -152,9 +179,7 @@ class ScoringModel(nn.Module):
     # -- packed batches (see llama.Packed): hidden is (N, H), rows end to end --------------------------
     def logits_packed(self, hidden: torch.Tensor, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """(B, num_labels) fp32 logits at each packed row's classifier token."""
-        if self.score is None:
-            raise ValueError(f"{self.cfg.path}: architecture {self.cfg.architecture} has no classification head")
-        return self.score(hidden[packed_index(cu_seqlens, "classifier", input_ids, self.cfg.pad_token_id)]).float()
+        return self.logits_of(hidden[packed_index(cu_seqlens, "classifier", input_ids, self.cfg.pad_token_id)])
 
     def embed_packed(
         self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, pooling: str = "last",
