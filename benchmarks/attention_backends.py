@@ -43,6 +43,9 @@ def main() -> int:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
     lengths = synthetic_lengths(4096)
     lengths = lengths[np.cumsum(lengths) <= args.tokens]
     n, nh, nkv, d = int(lengths.sum()), args.heads, args.kv_heads, args.head_dim

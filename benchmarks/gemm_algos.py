@@ -128,6 +128,9 @@ def main() -> int:
     ap.add_argument("--shapes", default="", help="comma-separated KxN to keep, e.g. 4096x28672,14336x4096")
     ap.add_argument("--only", default="", help="comma-separated layouts or dtypes to keep (tn, nn, bfloat16, float16)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
     keep = set(filter(None, args.only.split(",")))
     sustain(args.sustain)
     rows = []
