@@ -1,6 +1,6 @@
 """Benchmark the 4-bit GPTQ path against fp16 cuBLAS on one GPU; prints markdown for benchmarks/RESULTS.md.
 
-    python benchmarks/int4.py [--out DIR] [--quick] [--no-model]
+    python benchmarks/int4.py [--out DIR] [--quick] [--no-model] [--ms 1024,4096] [--alone SECONDS]
 
 Per Llama-3-8B / 70B layer shape (K x N) and m tokens: fp16 cuBLAS (F.linear, nn.Linear's layout) vs
 scorer's dispatched 4-bit path (fused GEMM below the measured crossover, dequant + cuBLAS above), and
@@ -11,7 +11,9 @@ dequantized bf16 weights: max probability difference, weight memory, forward tim
 Timing: CUDA events around replays of a captured CUDA graph (GPU time; host launch overhead, ~30-50 us
 per CuPy launch, is not measured), median of several replays after a warm-up, random data, and for
 layers that fit in L2 the weights and inputs rotate over enough copies to exceed it. At m >= 1024 the
-four GEMM variants are timed in turns (5 rounds), so clock drift under long GEMMs hits them alike.
+four GEMM variants are timed in turns (5 rounds), so clock drift under long GEMMs hits them alike; on a
+power-capped card that also sets every variant's clock by their average draw, so --alone S adds cuBLAS and
+the 4-bit path each run alone for S seconds (the clock their own draw allows, what a long run gets).
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ from scorer.model.quant_config import QuantConfig  # noqa: E402
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 10240), (8192, 57344), (28672, 8192)]
 MS = [1, 4, 16, 64, 256, 1024, 4096, 16384]
 ROTATE_BYTES = 256 * 2**20  # rotate copies until the working set is 5x the 50 MB L2
+ALONE_S = 0.0  # --alone: seconds each path also runs alone at m >= 1024 (0: only in turns)
 
 
-def gpu_time(fns, reps: int = 7) -> float:
-    """Median seconds per call of fns (called in turn), replayed from a CUDA graph (GPU time only)."""
+def _graph(fns) -> tuple[torch.cuda.CUDAGraph, int]:
+    """A CUDA graph of ~2 ms of calls of fns (called in turn), and how many calls it holds."""
     for f in fns:
         f()
     torch.cuda.synchronize()
@@ -63,14 +66,38 @@ def gpu_time(fns, reps: int = 7) -> float:
             fns[i % len(fns)]()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+    return graph, calls
+
+
+def _replays(graph: torch.cuda.CUDAGraph, n: int) -> float:
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
         graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3 / calls)
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1e-3
+
+
+def gpu_time(fns, reps: int = 7) -> float:
+    """Median seconds per call of fns (called in turn), replayed from a CUDA graph (GPU time only)."""
+    graph, calls = _graph(fns)
+    times = [_replays(graph, 1) / calls for _ in range(reps)]
+    del graph
+    return statistics.median(times)
+
+
+def alone_time(fns, seconds: float) -> float:
+    """Seconds per call of fns replayed back to back for `seconds`, the second half timed: the card's
+    power controller has then settled on this path's own draw (at a power cap, a path timed in turns with
+    others runs at the clock their average draw allows)."""
+    graph, calls = _graph(fns)
+    times, end = [], time.perf_counter() + seconds
+    half = time.perf_counter() + seconds / 2
+    while time.perf_counter() < end:
+        t = _replays(graph, 10)
+        if time.perf_counter() > half:
+            times.append(t / (10 * calls))
     del graph
     return statistics.median(times)
 
@@ -146,6 +173,9 @@ def bench_shape(k: int, n: int, ms: list[int]) -> tuple[list[dict], dict]:
                 "static": [lambda i=i: int4.matmul(xs[i % nx], wss[i % len(wss)]) for i in range(max(len(wss), nx))],
             })
             t_cublas, t_ours = big["cublas"], big["ours"]
+            if ALONE_S:  # each path alone under sustained load (see alone_time)
+                big["cublas_alone"] = alone_time(cublas_fns, ALONE_S)
+                big["ours_alone"] = alone_time(ours_fns, ALONE_S)
         else:
             t_cublas, t_ours = gpu_time(cublas_fns), gpu_time(ours_fns)
         row = {"K": k, "N": n, "m": m, "cublas_fp16_us": t_cublas * 1e6, "int4_us": t_ours * 1e6,
@@ -168,6 +198,10 @@ def bench_shape(k: int, n: int, ms: list[int]) -> tuple[list[dict], dict]:
             row["cublas_nn_us"] = big["nn"] * 1e6
             row["static_us"] = big["static"] * 1e6
             row["static_speedup"] = t_cublas / big["static"]
+            if "ours_alone" in big:
+                row["cublas_alone_us"] = big["cublas_alone"] * 1e6
+                row["int4_alone_us"] = big["ours_alone"] * 1e6
+                row["alone_speedup"] = big["cublas_alone"] / big["ours_alone"]
         rows.append(row)
         del xs
     del ws, ds, dkn, wss, lin, lin_s
@@ -191,6 +225,15 @@ def markdown(rows: list[dict], infos: list[dict], model: dict | None, device: st
                      f"{r['speedup']:.2f}x | {r['path']} | {f1(r, 'fused_us')} | {tb} | {f1(r, 'tiles_us')} | "
                      f"{f1(r, 'ring1_us')} | {f1(r, 'ring2_us')} | "
                      f"{f1(r, 'dequant_mm_us')} | {f1(r, 'cublas_nn_us')} | {f1(r, 'static_us')} | {ss} |")
+    alone = [r for r in rows if "alone_speedup" in r]
+    if alone:
+        lines += ["", f"Each path alone under sustained load ({ALONE_S:g} s of back-to-back replays, the second half "
+                  "timed), against the same rows timed in turns:", "",
+                  "| K x N | m | fp16 cuBLAS alone us | 4-bit alone us | speedup alone | speedup in turns |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in alone:
+            lines.append(f"| {r['K']}x{r['N']} | {r['m']} | {r['cublas_alone_us']:.1f} | {r['int4_alone_us']:.1f} | "
+                         f"{r['alone_speedup']:.2f}x | {r['speedup']:.2f}x |")
     lines += ["", "| K x N | dequant (TN, static) us | TB/s (read + write) | dequant_rows (NN, act-order) us | TB/s "
               "| crossover m (measured) |", "|---|---:|---:|---:|---:|---:|"]
     for i in infos:
@@ -219,6 +262,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="two shapes, four m values")
     ap.add_argument("--no-model", action="store_true", help="skip the whole-model check")
     ap.add_argument("--layers", type=int, default=32, help="layers of the whole-model check")
+    ap.add_argument("--ms", default="", help="comma-separated m values (default: all of MS)")
+    ap.add_argument("--alone", type=float, default=0.0,
+                    help="at m >= 1024, also time cuBLAS and the 4-bit path each alone for this many seconds")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -229,6 +275,10 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     device = torch.cuda.get_device_name()
     shapes, ms = (SHAPES[:2], [1, 16, 64, 4096]) if args.quick else (SHAPES, MS)
+    if args.ms:
+        ms = [int(m) for m in args.ms.split(",")]
+    global ALONE_S
+    ALONE_S = args.alone
     rows, infos = [], []
     t0 = time.time()
     for k, n in shapes:
