@@ -10,7 +10,6 @@ flash attention; a backend that raises is reported, not fatal.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -19,21 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from scorer.bench import synthetic_lengths  # noqa: E402
-
-
-def timed(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3)
-    return statistics.median(times)
+from scorer.bench import cuda_time, synthetic_lengths  # noqa: E402
 
 
 def main() -> int:
@@ -74,7 +59,7 @@ def main() -> int:
         try:
             out = fn()
             diff = (out.float() - ref.float()).abs().max().item()
-            t = timed(fn)
+            t = cuda_time(fn, reps=20)
             print(f"| {name} | {t * 1e6:.0f} | {flops / t / 1e12:.0f} | {diff:.2e} |", flush=True)
         except Exception as e:  # noqa: BLE001 - report and go on
             print(f"| {name} | failed: {type(e).__name__}: {str(e)[:200]} | | |", flush=True)

@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scorer
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # lt
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -16,6 +16,8 @@ import threading
 
 import torch
 
+from scorer.kernels.int4 import _raw_stream_of  # torch's current stream handle, as the int4 launches take it
+
 _COMPUTE_32F = 68  # cublasComputeType_t CUBLAS_COMPUTE_32F
 _R_32F, _R_16F, _R_16BF = 0, 2, 14  # cudaDataType_t
 _DTYPES = {torch.float16: _R_16F, torch.bfloat16: _R_16BF}
@@ -175,7 +177,7 @@ class Gemm:
                         "bias")
                 return L.cublasLtMatmul(_handle(self.device), self.desc, ctypes.byref(self.alpha), w.data_ptr(), self.a,
                                         x.data_ptr(), b, ctypes.byref(self.beta), out.data_ptr(), c, out.data_ptr(), c,
-                                        ctypes.byref(algo), ws.data_ptr(), ws.numel(), _stream(x.device))
+                                        ctypes.byref(algo), ws.data_ptr(), ws.numel(), _raw_stream_of(x.device))
         finally:
             L.cublasLtMatrixLayoutDestroy(b)
             L.cublasLtMatrixLayoutDestroy(c)
@@ -191,15 +193,6 @@ def describe(algo: Algo) -> dict[str, int]:
                                                   ctypes.byref(written)) == 0:
             out[name] = int(v.value)
     return out
-
-
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
-def _stream(device: torch.device) -> int:
-    if _raw_stream is not None:
-        return _raw_stream(device.index)
-    return torch.cuda.current_stream(device).cuda_stream
 
 
 _workspaces: dict[int, torch.Tensor] = {}
