@@ -34,10 +34,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from scorer.batching import collate, pack, plan_batches, plan_packed
+from scorer.batching import collate, grid_layout, pack, plan_batches, plan_packed
 from scorer.model.config import LlamaConfig
 from scorer.model.heads import POOLINGS, ScoringModel, activate, finish_embedding
-from scorer.model.llama import Packed, compile_layers, fuse_projections, varlen_supported
+from scorer.model.llama import Grid, Packed, compile_layers, fuse_projections, grid_supported, varlen_supported
 from scorer.model.load import TextEncoder, _parse_dtype, load_model, weight_files
 
 log = logging.getLogger(__name__)
@@ -107,14 +107,21 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+GRID_MULTIPLE = 16  # grid width: the longest row rounded up to this (fewer shapes for cuDNN to plan)
+GRID_MAX_SLOTS = 1.2  # cuDNN attention only while the grid holds at most 1.2x the batch's real tokens
+
+
 class Scorer:
     """A loaded model + tokenizer + settings. Build with `Scorer.from_pretrained`."""
 
     def __init__(
         self, model: ScoringModel, cfg: LlamaConfig, tokenizer: TextEncoder | None, settings: Settings,
-        device: torch.device, attention: str = "auto",
+        device: torch.device, attention: str = "auto", attention_kernel: str = "auto",
     ):
-        """Prefer `from_pretrained`; a tokenizer of None serves `score_encoded` only (benchmarks)."""
+        """Prefer `from_pretrained`; a tokenizer of None serves `score_encoded` only (benchmarks).
+        attention_kernel (packed path): "flash" (flash attention varlen), "cudnn" (cuDNN's fused attention
+        over the batch's rows right-padded into a grid, `GRID_MAX_SLOTS` permitting; on a CPU, SDPA over
+        that grid) or "auto": cuDNN on Hopper GPUs, where it is about twice as fast, flash elsewhere."""
         self.model, self.cfg, self.tokenizer, self.settings, self.device = model, cfg, tokenizer, settings, device
         self.dtype = _parse_dtype(settings.dtype)
         self.pad_id = self._pad_id()
@@ -131,6 +138,19 @@ class Scorer:
         if attention != "auto":
             self.packed, why = attention == "packed", f"attention={attention!r} asked for"
         log.info("scorer attention: %s (%s)", "packed varlen" if self.packed else "padded SDPA", why)
+        if attention_kernel not in ("auto", "flash", "cudnn"):
+            raise ValueError(f"attention_kernel must be auto, flash or cudnn, not {attention_kernel!r}")
+        self.grid, why = grid_supported(device, self.dtype, cfg.head_dim)
+        if attention_kernel == "cudnn" and self.packed:  # on a CPU: SDPA over the grid (the reference)
+            if device.type == "cuda" and not (hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
+                                              and torch.backends.cudnn.is_available()):
+                raise ValueError(f"attention_kernel='cudnn': torch {torch.__version__} has no cuDNN attention "
+                                 "here; use attention_kernel='flash' or 'auto'")
+            self.grid, why = True, "attention_kernel='cudnn' asked for"
+        elif attention_kernel == "flash" or not self.packed:
+            self.grid, why = False, "flash attention varlen" if self.packed else "the padded path"
+        if self.packed:
+            log.info("scorer packed attention kernel: %s (%s)", "cuDNN" if self.grid else "flash varlen", why)
 
     @classmethod
     def from_pretrained(
@@ -151,11 +171,13 @@ class Scorer:
         attention: str = "auto",
         compile: bool | str = "auto",
         embeddings: str = "auto",
+        attention_kernel: str = "auto",
     ) -> "Scorer":
         """embeddings: where the token-embedding table lives while a GPU scores: "device", "host" (its
         rows are gathered on the CPU and copied with the batch, freeing vocab x hidden x 2 bytes of GPU
         memory; scores are bit-identical), or "auto": host for 4-bit checkpoints, whose point is GPU
-        memory, device otherwise. Ignored on the CPU."""
+        memory, device otherwise. Ignored on the CPU.
+        attention_kernel: the packed path's attention, "auto", "flash" or "cudnn" (see `Scorer`)."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, not {task!r}")
         if pooling not in POOLINGS:
@@ -182,7 +204,7 @@ class Scorer:
         tokenizer = TextEncoder(path, settings.max_length, truncation_side)
         model, cfg = load_model(path, dt, dev)
         fuse_projections(model)
-        scorer = cls(model, cfg, tokenizer, settings, dev, attention)
+        scorer = cls(model, cfg, tokenizer, settings, dev, attention, attention_kernel)
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto', not {compile!r}")
         if embeddings not in ("auto", "device", "host"):
@@ -198,12 +220,15 @@ class Scorer:
         return scorer
 
     def warmup(self) -> None:
-        """Score two synthetic batches of different lengths, so CUDA kernels compile, the 4-bit crossover
-        is measured and compiled layers trace (static, then dynamic shapes) before real work is timed."""
+        """Score four synthetic batches of different shapes, so CUDA kernels compile, the 4-bit crossover
+        is measured and compiled layers trace (static, then dynamic shapes, with and without the cuDNN
+        grid) before real work is timed."""
         rng = np.random.default_rng(0)
-        for n_rows, length in ((2, 24), (3, 40)):
-            ids = [rng.integers(4, self.cfg.vocab_size, min(length, self.settings.max_length)).tolist()
-                   for _ in range(n_rows)]
+        # the first two fill their grid (cuDNN attention where it is on), the last two do not (flash)
+        for row_lengths in ((32, 32), (48, 48, 48), (40, 17), (60, 20, 20)):
+            ids = [rng.integers(4, self.cfg.vocab_size, min(n, self.settings.max_length)).tolist()
+                   for n in row_lengths]
+            n_rows = len(ids)
             lengths = np.array([len(x) for x in ids], dtype=np.int32)
             self.score_encoded(Encoded(ids, lengths, np.zeros(n_rows, dtype=bool), [None] * n_rows))
         self.last_stats = ScoreStats()
@@ -265,8 +290,8 @@ class Scorer:
                     rows_emb = self._host_embeddings(b.input_ids)
                     b = b.to(self.device)
                     keep = self.model.keep_index(b.input_ids, classify, embed, s.pooling, cu_seqlens=b.cu_seqlens)
-                    hidden = self.model.model.forward_packed(b.input_ids, b.position_ids,
-                                                             Packed(b.cu_seqlens, b.max_len), rows_emb, keep)
+                    ctx = Packed(b.cu_seqlens, b.max_len, self._grid(b.lengths))
+                    hidden = self.model.model.forward_packed(b.input_ids, b.position_ids, ctx, rows_emb, keep)
                     if keep is not None:
                         lg, e = self._outputs_of_kept(hidden, classify, embed)
                     else:
@@ -306,6 +331,19 @@ class Scorer:
         stats.seconds = time.perf_counter() - t0
         self.last_stats = stats
         return table
+
+    def _grid(self, lengths: np.ndarray) -> Grid | None:
+        """The batch's right-padded grid for cuDNN attention, or None (flash varlen) when the kernel is off
+        or padding would add more than GRID_MAX_SLOTS - 1 of the real tokens."""
+        if not self.grid or not len(lengths) or int(lengths.min()) < 1:
+            return None
+        src, dst = grid_layout(lengths, GRID_MULTIPLE)
+        if src.size > GRID_MAX_SLOTS * len(dst):
+            return None
+        src, dst = torch.from_numpy(src), torch.from_numpy(dst)
+        if self.device.type == "cuda":  # pinned, so the copies do not wait for the batch before
+            src, dst = (x.pin_memory().to(self.device, non_blocking=True) for x in (src, dst))
+        return Grid(src, dst)
 
     def _outputs_of_kept(self, hidden: torch.Tensor, classify: bool, embed: bool
                          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:

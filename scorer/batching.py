@@ -8,6 +8,9 @@ its own batch. Every row index appears in exactly one batch.
 `plan_packed` and `pack` are the same for the packed (varlen) path: rows are laid end to end with no
 padding, so a batch costs its real tokens and is cut when their sum would pass `max_batch_tokens`.
 
+`grid_layout` maps a packed batch onto a right-padded (rows, width) grid for a dense attention kernel
+(scorer.model.llama.Grid); the rest of the model stays packed.
+
 `collate` left-pads: row b's real tokens fill the last `lengths[b]` columns, with positions 0..len-1, so
 every row's last real token sits in the last column (exllama-style offsets) and RoPE sees the same
 positions as the row alone. Padding columns get the pad id, position 0 and mask False.
@@ -127,6 +130,22 @@ def pack(token_lists: Sequence[Sequence[int]], rows: Sequence[int] | np.ndarray)
     pin = torch.cuda.is_available()
     t = lambda a: torch.from_numpy(a).pin_memory() if pin else torch.from_numpy(a)  # noqa: E731
     return PackedBatch(t(ids), t(pos), t(cu), lengths, rows)
+
+
+def grid_layout(lengths: Sequence[int] | np.ndarray, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(src, dst) of packed rows of these lengths right-padded into a (B, W) grid, W the longest row rounded
+    up to `multiple`: src (B, W) the packed token at each slot (a pad slot repeats its row's last token),
+    dst (N,) the flat slot b*W + t of each packed token. Rows must not be empty."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.ndim != 1 or not len(lengths) or int(lengths.min()) < 1 or multiple < 1:
+        raise ValueError(f"grid_layout needs rows of at least one token and multiple >= 1, got lengths "
+                         f"{lengths.tolist()[:8]}, multiple {multiple}")
+    width = -(-int(lengths.max()) // multiple) * multiple
+    starts = np.cumsum(lengths) - lengths
+    src = starts[:, None] + np.minimum(np.arange(width)[None, :], lengths[:, None] - 1)
+    n = int(lengths.sum())
+    dst = np.arange(n, dtype=np.int64) + np.repeat(np.arange(len(lengths), dtype=np.int64) * width - starts, lengths)
+    return src, dst
 
 
 def collate(token_lists: Sequence[Sequence[int]], rows: Sequence[int] | np.ndarray, pad_id: int) -> Batch:

@@ -20,7 +20,10 @@ When a batch has no padding the mask is dropped for `is_causal=True`, which lets
 Packed batches (CUDA, fp16/bf16): the rows are laid end to end in one (1, N) sequence with no padding at
 all, and attention runs flash attention's varlen kernel over `cu_seqlens` (the `Packed` context instead
 of a mask), so no FLOP is spent on padding and the projections see m = N real tokens. Everything but
-the attention core is the same code: linears, norms and RoPE are per token.
+the attention core is the same code: linears, norms and RoPE are per token. On Hopper, Scorer instead
+passes a `Grid`: the batch's rows right-padded into a (B, W) grid of slots, over which cuDNN's fused
+attention runs about twice as fast as flash attention 2's varlen kernel; the q/k/v gathers into the grid
+fuse with RoPE, the output projection runs on the grid's slots and the real tokens are gathered after it.
 
 Host-resident embedding table (`LlamaModel.embeddings_to_host`): the (vocab, hidden) table leaves the GPU,
 as llama.cpp keeps its token embeddings on the CPU. The caller gathers a batch's rows on the host
@@ -121,15 +124,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 @dataclass(frozen=True)
+class Grid:
+    """A packed batch's rows right-padded into a (B, W) grid, for a dense attention kernel.
+
+    src (B, W) int64: the packed token each slot holds; a pad slot (past its row's end) repeats a real
+    token of its row, so every key and value is finite, and the causal mask hides it from every real
+    query (they all sit to its left). dst (N,) int64: the flat slot b*W + t of each packed token.
+    """
+
+    src: torch.Tensor
+    dst: torch.Tensor
+
+
+@dataclass(frozen=True)
 class Packed:
     """Attention context of a packed batch: B rows end to end in one (1, N) sequence.
 
     cu_seqlens (B+1,) int32 on the device: row b is tokens cu_seqlens[b]:cu_seqlens[b+1];
-    max_len: the longest row (a host int, known from the batch plan, so no device sync is needed).
+    max_len: the longest row (a host int, known from the batch plan, so no device sync is needed);
+    grid: set to run attention as cuDNN's dense kernel over the right-padded rows instead of flash
+    attention's varlen one (`grid_attention`); everything else stays packed.
     """
 
     cu_seqlens: torch.Tensor
     max_len: int
+    grid: Grid | None = None
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Packed, scale: float) -> torch.Tensor:
@@ -152,6 +171,42 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Pac
         q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_len, ctx.max_len, 0.0, True, False, scale=scale
     )
     return out[0]
+
+
+def grid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid, scale: float) -> torch.Tensor:
+    """Causal attention of a packed batch through its right-padded grid: q (N, nh, d), k, v (N, nkv, d)
+    -> (B*W, nh, d), one row per grid slot; rows `grid.dst` equal `varlen_attention` on the real tokens,
+    pad slots' rows are finite and meaningless.
+
+    On CUDA: cuDNN's fused attention over (B, heads, W, d) views of (B, W, heads, d) buffers (no layout
+    copy); on Hopper it runs about twice flash attention 2's FLOP rate at these lengths, which pays for
+    the padded slots and the gathers (benchmarks/attention_backends.py --plan). Elsewhere: SDPA over the
+    grid, the reference the tests check.
+    """
+    B, W = grid.src.shape
+    qg, kg, vg = (t[grid.src].transpose(1, 2) for t in (q, k, v))  # (B, heads, W, d)
+    if q.device.type == "cuda":
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(qg, kg, vg, None, False, 0.0, True, False,
+                                                                  scale=scale)[0]
+    else:
+        rep = q.shape[1] // k.shape[1]
+        kg, vg = kg.repeat_interleave(rep, 1), vg.repeat_interleave(rep, 1)
+        out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
+    return out.transpose(1, 2).reshape(B * W, *q.shape[1:])
+
+
+def grid_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[bool, str]:
+    """(worth it, why) for `grid_attention` on the packed path: cuDNN's fused attention beats flash
+    attention 2 on Hopper only (transformers measured it slower on Ampere, Ada and Blackwell)."""
+    if device.type != "cuda":
+        return False, "not CUDA"
+    if not hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention") or not torch.backends.cudnn.is_available():
+        return False, "this torch has no cuDNN attention"
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        return False, "not a Hopper GPU (cuDNN attention is faster than flash attention 2 on Hopper only)"
+    if dtype not in (torch.float16, torch.bfloat16) or head_dim % 8 or head_dim > 128:
+        return False, f"dtype {dtype}, head_dim {head_dim} (cuDNN runs fp16/bf16, head_dim a multiple of 8, <= 128)"
+    return True, "cuDNN fused attention over right-padded rows (Hopper)"
 
 
 def varlen_supported(cfg: LlamaConfig, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
@@ -197,8 +252,15 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, T, nkv, d), cos, sin)  # (B, T, nkv, d)
         v = v.view(B, T, nkv, d)
         if isinstance(mask, Packed):  # B == 1: rows end to end
-            y = varlen_attention(q[0], k[0], v[0], mask, self.scale)  # (N, nh, d)
-            return self.o_proj(_rows(y.reshape(B, T, nh * d), keep))
+            if mask.grid is None:
+                y = varlen_attention(q[0], k[0], v[0], mask, self.scale)  # (N, nh, d)
+                return self.o_proj(_rows(y.reshape(B, T, nh * d), keep))
+            # cuDNN over the grid; the output projection runs on its slots (a few percent of padding costs
+            # less than gathering the attention output first) and the real tokens are gathered after it
+            y = grid_attention(q[0], k[0], v[0], mask.grid, self.scale).reshape(1, -1, nh * d)  # (1, B*W, .)
+            if keep is not None:
+                return self.o_proj(_rows(y, mask.grid.dst[keep]))
+            return self.o_proj(y)[:, mask.grid.dst]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
         if nh > nkv:  # GQA: share each kv head with nh/nkv query heads (expand is a view until reshape)
             k = k[:, :, None].expand(B, nkv, nh // nkv, T, d).reshape(B, nh, T, d)
