@@ -2,7 +2,8 @@
 
     python benchmarks/profile_layers.py [--layers 4] [--tokens 16384] [--variants bf16+compile,int4+compile]
 
-One packed batch of synthetic lengths (the benchmark's log-normal mix) up to `tokens` real tokens, two
+One packed batch of synthetic lengths (the benchmark's log-normal mix) up to `tokens` real tokens (or, with
+`--plan-batch I`, batch I of the e2e mix as Scorer cuts it, whose rows have nearly one length), two
 warm-up forwards, then one forward under torch.profiler. Kernel time is summed by family (cuBLAS GEMM,
 flash attention, Triton/inductor fused elementwise, int4 CuPy kernels, the rest) and the top kernels are
 listed, so two variants can be compared kernel by kernel in one run.
@@ -23,7 +24,7 @@ import torch  # noqa: E402
 
 FAMILIES = [  # first match wins
     ("int4", re.compile(r"int4_")),
-    ("attention", re.compile(r"flash_fwd|fmha", re.I)),  # the flash-attention kernel (its name says cutlass)
+    ("attention", re.compile(r"flash_fwd|fmha|sdpa", re.I)),  # flash (its name says cutlass) or cuDNN's
     ("gemm", re.compile(r"gemm|nvjet|sm90_xmma|cutlass|cublas|xmma", re.I)),
     ("triton", re.compile(r"triton", re.I)),  # inductor's fused elementwise kernels (RoPE, SwiGLU, norms)
 ]
@@ -33,7 +34,7 @@ def family(name: str) -> str:
     return next((f for f, rx in FAMILIES if rx.search(name)), "other")
 
 
-def profile(spec: str, layers: int, tokens: int) -> dict:
+def profile(spec: str, layers: int, tokens: int, plan_batch: int | None = None) -> dict:
     from scorer.api import Encoded
     from scorer.bench import SHAPES, Variant, random_scorer, synthetic_ids, synthetic_lengths
 
@@ -44,8 +45,14 @@ def profile(spec: str, layers: int, tokens: int) -> dict:
         for mod in sc.model.modules():
             if isinstance(mod, torch.nn.Linear):
                 mod.weight.data = mod.weight.data.t().contiguous().t()
-    lengths = synthetic_lengths(4096)
-    keep = lengths[np.cumsum(lengths) <= tokens]  # one batch of about `tokens` real tokens
+    if plan_batch is None:
+        lengths = synthetic_lengths(4096)
+        keep = lengths[np.cumsum(lengths) <= tokens]  # one batch of about `tokens` random-length rows
+    else:  # batch `plan_batch` of the e2e mix as Scorer cuts it: rows of nearly one length
+        from scorer.batching import plan_packed
+
+        lengths = synthetic_lengths(2048)
+        keep = lengths[plan_packed(lengths, tokens, 1024)[plan_batch]]
     ids = synthetic_ids(keep, SHAPES["8b"]["vocab_size"])
     enc = Encoded(ids, keep.astype(np.int32), np.zeros(len(ids), dtype=bool), [None] * len(ids))
     for _ in range(2):
@@ -72,8 +79,10 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--variants", default="bf16+compile,bf16+compile+nn,int4+compile")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--plan-batch", type=int, default=None,
+                    help="profile this batch of the e2e mix's plan (sorted rows) instead of random-length rows")
     args = ap.parse_args()
-    results = [profile(s.strip(), args.layers, args.tokens) for s in args.variants.split(",")]
+    results = [profile(s.strip(), args.layers, args.tokens, args.plan_batch) for s in args.variants.split(",")]
     print(f"# {torch.cuda.get_device_name()}, {args.layers} layers, GPU time of one forward (us)\n")
     fams = ["gemm", "attention", "triton", "int4", "other"]
     print("| variant | tokens | total | " + " | ".join(fams) + " |")
