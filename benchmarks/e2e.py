@@ -18,5 +18,6 @@ if __name__ == "__main__":
     ap.add_argument("--peers", default="both", choices=["both", "sorted", "none"],
                     help="transformers runs beside scorer: arrival order and length-sorted, sorted only, none")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma list, e.g. bf16,int4+compile")
+    ap.add_argument("--peers-last", action="store_true", help="time transformers after scorer, not before")
     a = ap.parse_args()
-    sys.exit(main(a.model_shape, a.texts, a.max_batch_tokens, a.peers, a.variants))
+    sys.exit(main(a.model_shape, a.texts, a.max_batch_tokens, a.peers, a.variants, peers_last=a.peers_last))

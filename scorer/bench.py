@@ -315,9 +315,11 @@ def bench_scorer(shape: str, ids: list[list[int]], v: Variant, max_batch_tokens:
 
 
 def main(model_shape: str = "8b", n_texts: int = 2048, max_batch_tokens: int = 16384,
-         peers: str = "both", variants: str = DEFAULT_VARIANTS, out: str | None = None) -> int:
+         peers: str = "both", variants: str = DEFAULT_VARIANTS, out: str | None = None,
+         peers_last: bool = False) -> int:
     """peers: which transformers runs to time beside scorer: both (arrival order and length-sorted),
-    sorted, or none."""
+    sorted, or none; peers_last: time them after scorer's runs instead of before (on a power-capped card
+    the clocks a run gets depend on what ran just before it)."""
     if not torch.cuda.is_available():
         print("scorer bench needs a CUDA GPU (torch sees none).")
         return 2
@@ -336,10 +338,15 @@ def main(model_shape: str = "8b", n_texts: int = 2048, max_batch_tokens: int = 1
           f"GEMM ceiling {ceiling:,.0f} tokens/s ({ceiling * fpt / 1e12:.0f} TFLOP/s) after warm-up, "
           f"{sustained:,.0f} tokens/s ({sustained * fpt / 1e12:.0f} TFLOP/s) after 10 s under load", flush=True)
     rows: list[Row] = []
-    if model_shape == "8b" and peers in ("both", "sorted"):
-        for sort in ([False] if peers == "both" else []) + [True]:
-            rows.append(bench_transformers(model_shape, ids, 32, sort=sort))
-            print(rows[-1], flush=True)
+
+    def time_peers() -> None:
+        if model_shape == "8b" and peers in ("both", "sorted"):
+            for sort in ([False] if peers == "both" else []) + [True]:
+                rows.append(bench_transformers(model_shape, ids, 32, sort=sort))
+                print(rows[-1], flush=True)
+
+    if not peers_last:
+        time_peers()
     for spec in variants.split(","):
         v = Variant.parse(spec.strip())
         if model_shape == "70b" and not v.quantized:
@@ -350,6 +357,8 @@ def main(model_shape: str = "8b", n_texts: int = 2048, max_batch_tokens: int = 1
         except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others' figures
             print(f"{v.name}: FAILED {type(e).__name__}: {e}", flush=True)
             _free()
+    if peers_last:
+        time_peers()
     peer = next((r.tokens_per_s for r in rows if "length-sorted" in r.name), None)
     print()
     arrival = next((r.tokens_per_s for r in rows if "arrival" in r.name), None)

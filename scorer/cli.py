@@ -94,12 +94,13 @@ def bench(
     max_batch_tokens: int = typer.Option(16384, help="Token budget of a batch."),
     peers: str = typer.Option("both", help="transformers runs: both (arrival, sorted), sorted or none."),
     variants: Optional[str] = typer.Option(None, help="scorer runs, e.g. bf16+compile,int4+compile."),
+    peers_last: bool = typer.Option(False, help="Time transformers after scorer's runs instead of before."),
 ) -> None:
     """Model-only throughput against transformers and the GEMM ceiling (needs a GPU)."""
     from scorer.bench import DEFAULT_VARIANTS, main
 
     raise typer.Exit(main(model_shape=model_shape, n_texts=texts, max_batch_tokens=max_batch_tokens, peers=peers,
-                          variants=variants or DEFAULT_VARIANTS))
+                          variants=variants or DEFAULT_VARIANTS, peers_last=peers_last))
 
 
 if __name__ == "__main__":
