@@ -290,8 +290,7 @@ class Scorer:
                     rows_emb = self._host_embeddings(b.input_ids)
                     b = b.to(self.device)
                     keep = self.model.keep_index(b.input_ids, classify, embed, s.pooling, cu_seqlens=b.cu_seqlens)
-                    ctx = Packed(b.cu_seqlens, b.max_len, self._grid(b.lengths))
-                    hidden = self.model.model.forward_packed(b.input_ids, b.position_ids, ctx, rows_emb, keep)
+                    hidden = self._forward_packed(b, rows_emb, keep)
                     if keep is not None:
                         lg, e = self._outputs_of_kept(hidden, classify, embed)
                     else:
@@ -331,6 +330,26 @@ class Scorer:
         stats.seconds = time.perf_counter() - t0
         self.last_stats = stats
         return table
+
+    def _forward_packed(self, b: Any, rows_emb: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+        """The backbone on a packed batch, through cuDNN's grid where it is on. Should cuDNN refuse a shape
+        (no engine for it, a failed plan), the batch reruns on flash attention varlen, as does every later
+        one: the forward has no side effects, so no row is lost or scored twice. Out of memory is raised."""
+        forward = self.model.model.forward_packed
+        grid = self._grid(b.lengths)
+        if grid is None:
+            return forward(b.input_ids, b.position_ids, Packed(b.cu_seqlens, b.max_len), rows_emb, keep)
+        try:
+            return forward(b.input_ids, b.position_ids, Packed(b.cu_seqlens, b.max_len, grid), rows_emb, keep)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:
+            rows, width = grid.src.shape
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            log.warning("cuDNN attention failed on a %d x %d grid (%s); this Scorer runs flash attention varlen "
+                        "from now on (attention_kernel='flash' skips cuDNN from the start)", rows, width, first)
+            self.grid = False
+            return forward(b.input_ids, b.position_ids, Packed(b.cu_seqlens, b.max_len), rows_emb, keep)
 
     def _grid(self, lengths: np.ndarray) -> Grid | None:
         """The batch's right-padded grid for cuDNN attention, or None (flash varlen) when the kernel is off

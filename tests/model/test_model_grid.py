@@ -112,3 +112,41 @@ def test_cudnn_grid_matches_flash_varlen_on_cuda(make_dir, dtype, compile):
         got = lm.forward_packed(b.input_ids, b.position_ids, Packed(b.cu_seqlens, b.max_len, _grid(b.lengths, "cuda")))
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
     assert (got.float() - want.float()).abs().mean() < 3e-3
+
+
+def test_a_cudnn_failure_reruns_the_batch_on_flash(make_dir, monkeypatch, caplog):
+    """cuDNN refusing a shape must not fail a job: that batch and every later one run flash varlen, and the
+    scores are those of a flash-only Scorer, row for row."""
+    path = make_dir(num_labels=3)
+    texts = TEXTS + ["a longer row of several words", "x"]
+    want = Scorer.from_pretrained(path, device="cpu", attention="packed", attention_kernel="flash",
+                                  max_batch_tokens=60, max_rows=4, return_logits=True).score(texts)
+    calls = []
+
+    def refuse(*a):
+        calls.append(1)
+        raise RuntimeError("cuDNN Frontend error: [cudnn_frontend] Error: No valid execution plans built.")
+
+    monkeypatch.setattr(llama, "grid_attention", refuse)
+    monkeypatch.setattr(scorer.api, "GRID_MAX_SLOTS", 1e9)
+    sc = Scorer.from_pretrained(path, device="cpu", attention="packed", attention_kernel="cudnn",
+                                max_batch_tokens=60, max_rows=4, return_logits=True)
+    with caplog.at_level("WARNING", logger="scorer.api"):
+        got = sc.score(texts)
+    assert len(calls) == 1 and sc.grid is False and sc.last_stats.batches > 1
+    assert "cuDNN attention failed on a" in caplog.text and "No valid execution plans" in caplog.text
+    assert got.num_rows == len(texts)
+    np.testing.assert_allclose(np.array(got["logits"].to_pylist()), np.array(want["logits"].to_pylist()), atol=1e-6)
+    assert got["label"].to_pylist() == want["label"].to_pylist()
+
+
+def test_out_of_memory_in_the_grid_is_raised(make_dir, monkeypatch):
+    def oom(*a):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(llama, "grid_attention", oom)
+    monkeypatch.setattr(scorer.api, "GRID_MAX_SLOTS", 1e9)
+    sc = Scorer.from_pretrained(make_dir(num_labels=3), device="cpu", attention="packed", attention_kernel="cudnn")
+    with pytest.raises(torch.OutOfMemoryError):
+        sc.score(TEXTS)
+    assert sc.grid is True
