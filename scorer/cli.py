@@ -65,7 +65,9 @@ def quantize(
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="Quantize columns by decreasing Hessian diagonal."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (zero 8) or asymmetric zeros."),
     static_groups: bool = typer.Option(False, "--static-groups", help="Fix groups before act-order (g_idx stays monotonic)."),
-    calib: Optional[str] = typer.Option(None, help="Calibration Parquet (file, folder, glob, s3://...; a custom S3 endpoint from AWS_ENDPOINT_URL)."),
+    calib: Optional[str] = typer.Option(None, help="Calibration Parquet (file, folder, glob or s3://...)."),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint of an s3:// --calib, e.g. http://127.0.0.1:8333 (default: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL)."),
+    region: Optional[str] = typer.Option(None, help="S3 region of an s3:// --calib (default: AWS_REGION)."),
     calib_job: Optional[str] = typer.Option(None, help="Take input and text from a job: jobs.yaml:NAME."),
     text_column: str = typer.Option("text", help="Text column of --calib."),
     samples: int = typer.Option(128, help="Calibration texts."),
@@ -83,6 +85,7 @@ def quantize(
             model_dir, out_dir, bits=bits, group_size=group_size, act_order=act_order, sym=sym,
             static_groups=static_groups, calib=calib, calib_job=calib_job, text_column=text_column,
             samples=samples, max_length=max_length, method=method, damp=damp, device=device, seed=seed,
+            endpoint_url=endpoint_url, region=region,
         )
     )
 

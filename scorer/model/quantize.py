@@ -416,14 +416,16 @@ def _write_checkpoint(model_dir: Path, out_dir: Path, cfg, tensors: dict[str, to
 
 # -- calibration data ---------------------------------------------------------------------------------
 
-def read_calibration(uri: str, text_column: str, n: int, seed: int) -> list[str]:
+def read_calibration(uri: str, text_column: str, n: int, seed: int, endpoint_url: str | None = None,
+                     region: str | None = None) -> list[str]:
     """Up to `n` non-empty texts drawn at random (seeded) from Parquet at `uri`: a file, a folder, a glob
-    (** spans folders) or a hive dataset, local or s3:// (endpoint from AWS_ENDPOINT_URL[_S3]), read
-    through scorer.jobs.lake exactly as a job's input is."""
+    (** spans folders) or a hive dataset, local or s3://, read through scorer.jobs.lake exactly as a job's
+    input is. An s3:// endpoint and region come from the arguments, else from AWS_ENDPOINT_URL_S3 or
+    AWS_ENDPOINT_URL and AWS_REGION, as the AWS SDKs read them."""
     from scorer.jobs import lake
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    storage = lake.StorageOptions(endpoint=endpoint, region=os.environ.get("AWS_REGION"))
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    storage = lake.StorageOptions(endpoint=endpoint, region=region or os.environ.get("AWS_REGION"))
     loc = lake.resolve(uri, storage)
     return _sample_texts(loc, f"--calib {uri}", [text_column], lambda t: t[text_column], None, n, seed,
                          fix="pick a string column with --text-column")
@@ -487,7 +489,8 @@ def _job_texts(calib_job: str, n: int, seed: int) -> tuple[list[str], str]:
 def quantize_cli(
     model_dir: Path, out_dir: Path, *, bits: int, group_size: int, act_order: bool, sym: bool,
     static_groups: bool, calib: str | None, calib_job: str | None, text_column: str, samples: int,
-    max_length: int, method: str, damp: float, device: str, seed: int,
+    max_length: int, method: str, damp: float, device: str, seed: int, endpoint_url: str | None = None,
+    region: str | None = None,
 ) -> int:
     """`scorer quantize`: 0 when the checkpoint is written, 2 with a one-line error on bad input."""
     from rich.console import Console
@@ -497,11 +500,13 @@ def quantize_cli(
         model_dir, out_dir = Path(model_dir), Path(out_dir)
         spec = _validate(model_dir, out_dir, bits=bits, group_size=group_size, act_order=act_order, sym=sym,
                          static_groups=static_groups, calib=calib, calib_job=calib_job, samples=samples,
-                         max_length=max_length, method=method, damp=damp, device=device)
+                         max_length=max_length, method=method, damp=damp, device=device,
+                         endpoint_url=endpoint_url, region=region)
         if calib_job is not None:
             texts, source = _job_texts(calib_job, samples + _n_heldout(samples), seed)
         else:
-            texts, source = read_calibration(calib, text_column, samples + _n_heldout(samples), seed), calib
+            texts = read_calibration(calib, text_column, samples + _n_heldout(samples), seed, endpoint_url, region)
+            source = calib
         if len(texts) < 2:
             raise QuantizeError(f"--calib {source}: only {len(texts)} usable text; need at least 2 "
                                 "(calibration and held-out rows).")
@@ -520,7 +525,7 @@ def _n_heldout(samples: int) -> int:
 
 
 def _validate(model_dir: Path, out_dir: Path, *, bits, group_size, act_order, sym, static_groups, calib,
-              calib_job, samples, max_length, method, damp, device) -> QuantSpec:
+              calib_job, samples, max_length, method, damp, device, endpoint_url=None, region=None) -> QuantSpec:
     if not (model_dir / "config.json").is_file():
         raise QuantizeError(f"{model_dir}: no config.json; MODEL_DIR must be a Hugging Face model directory.")
     if out_dir.resolve() == model_dir.resolve():
@@ -546,6 +551,10 @@ def _validate(model_dir: Path, out_dir: Path, *, bits, group_size, act_order, sy
     if (calib is None) == (calib_job is None):
         raise QuantizeError("give exactly one of --calib URI (Parquet file, folder, glob or s3://) or "
                             "--calib-job jobs.yaml:NAME; scorer downloads no calibration data.")
+    if (endpoint_url or region) and not (calib or "").startswith("s3://"):
+        opt = "--endpoint-url" if endpoint_url else "--region"
+        raise QuantizeError(f"{opt} applies to an s3:// --calib only; a --calib-job reads its job's storage "
+                            "settings, a local --calib needs none.")
     return QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                      static_groups=static_groups, damp=damp)
 

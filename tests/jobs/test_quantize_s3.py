@@ -37,3 +37,23 @@ def test_calibration_from_a_bucket(s3, tiny_model, tmp_path, monkeypatch):
     en = pa.concat_tables(tables).filter(pa.compute.equal(pa.concat_tables(tables)["lang"], "en"))
     assert "s3://lake/calib/dt=2026-11-22" in source and len(texts) == en.num_rows == 60
     assert sorted(t.split(":")[0] for t in texts) == sorted(en["title"].to_pylist())
+
+
+def test_calibration_endpoint_on_the_command_line(s3, tiny_model, tmp_path, monkeypatch):
+    """--endpoint-url/--region name the bucket's server when the environment does not; they refuse a
+    --calib that is not s3:// and a --calib-job (which has its own storage settings)."""
+    fs = lake.resolve("s3://lake", lake.StorageOptions(endpoint=s3, region="us-east-1")).fs
+    write_shards("lake/calib-cli", [30], fs=fs)
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_model), str(out), "--samples", "12", "--max-length", "16", "--group-size", "32",
+            "--device", "cpu"]
+    res = CliRunner().invoke(app, args + ["--calib", "s3://lake/calib-cli", "--endpoint-url", s3,
+                                          "--region", "us-east-1"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "quantization_report.json").read_text())["calibration"]["texts"] == 12
+    res = CliRunner().invoke(app, args[:2] + [str(tmp_path / "q2")] + args[3:] +
+                             ["--calib", str(tmp_path), "--endpoint-url", s3])
+    assert res.exit_code == 2 and "--endpoint-url applies to an s3:// --calib only" in res.output
+    assert not (tmp_path / "q2").exists()
