@@ -150,3 +150,16 @@ def test_out_of_memory_in_the_grid_is_raised(make_dir, monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):
         sc.score(TEXTS)
     assert sc.grid is True
+
+
+def test_warmup_runs_both_attention_branches(make_dir, monkeypatch):
+    """Scorer.warmup traces the compiled layers before a job's first shard; with the grid on it must reach
+    both the grid and flash varlen, or a job compiles the other branch in the middle of a shard."""
+    seen = []
+    grid, varlen = llama.grid_attention, llama.varlen_attention
+    monkeypatch.setattr(llama, "grid_attention", lambda *a: seen.append("grid") or grid(*a))
+    monkeypatch.setattr(llama, "varlen_attention", lambda *a: seen.append("flash") or varlen(*a))
+    sc = Scorer.from_pretrained(make_dir(num_labels=3), device="cpu", attention="packed", attention_kernel="cudnn")
+    sc.warmup()
+    layers = sc.cfg.num_layers  # two batches a branch: compiled layers trace static, then dynamic shapes
+    assert seen.count("grid") >= 2 * layers and seen.count("flash") >= 2 * layers
