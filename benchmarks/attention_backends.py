@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from scorer.batching import plan_packed  # noqa: E402
+from scorer.batching import grid_layout, plan_packed  # noqa: E402
 from scorer.bench import cuda_time, synthetic_lengths  # noqa: E402
 
 
@@ -83,10 +83,6 @@ def main() -> int:
     return 0
 
 
-def _round_up(x: int, to: int) -> int:
-    return -(-x // to) * to
-
-
 def plan(args: argparse.Namespace) -> int:
     nh, nkv, d = args.heads, args.kv_heads, args.head_dim
     scale = d**-0.5
@@ -100,13 +96,13 @@ def plan(args: argparse.Namespace) -> int:
     flops_real = flops_pad = 0.0
     builds, worst = [], 0.0
     shapes = set()
-    for bi, idx in enumerate(batches):
+    for idx in batches:
         lengths = all_len[idx]
-        n, B, mx = int(lengths.sum()), len(lengths), int(lengths.max())
-        L = _round_up(mx, args.pad_to)
+        n, mx = int(lengths.sum()), int(lengths.max())
+        src_h, dst_h = grid_layout(lengths, args.pad_to)  # the grid Scorer builds (W: longest, rounded up)
+        B, L = src_h.shape
         cu_h = np.concatenate([[0], np.cumsum(lengths)])
         cu = torch.tensor(cu_h, dtype=torch.int32, device="cuda")
-        dst_h = np.concatenate([b * L + np.arange(t) for b, t in enumerate(lengths)])
         dst = torch.tensor(dst_h, dtype=torch.int64, device="cuda")
         q = torch.randn(n, nh, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         k = torch.randn(n, nkv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
