@@ -37,7 +37,9 @@ import torch
 from scorer.batching import collate, grid_layout, pack, plan_batches, plan_packed
 from scorer.model.config import LlamaConfig
 from scorer.model.heads import POOLINGS, ScoringModel, activate, finish_embedding
-from scorer.model.llama import Grid, Packed, compile_layers, fuse_projections, grid_supported, varlen_supported
+from scorer.model.llama import (
+    Grid, Packed, compile_layers, cudnn_attention_available, fuse_projections, grid_supported, varlen_supported,
+)
 from scorer.model.load import TextEncoder, _parse_dtype, load_model, weight_files
 
 log = logging.getLogger(__name__)
@@ -142,8 +144,7 @@ class Scorer:
             raise ValueError(f"attention_kernel must be auto, flash or cudnn, not {attention_kernel!r}")
         self.grid, why = grid_supported(device, self.dtype, cfg.head_dim)
         if attention_kernel == "cudnn" and self.packed:  # on a CPU: SDPA over the grid (the reference)
-            if device.type == "cuda" and not (hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
-                                              and torch.backends.cudnn.is_available()):
+            if device.type == "cuda" and not cudnn_attention_available():
                 raise ValueError(f"attention_kernel='cudnn': torch {torch.__version__} has no cuDNN attention "
                                  "here; use attention_kernel='flash' or 'auto'")
             self.grid, why = True, "attention_kernel='cudnn' asked for"

@@ -195,12 +195,17 @@ def grid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid
     return out.transpose(1, 2).reshape(B * W, *q.shape[1:])
 
 
+def cudnn_attention_available() -> bool:
+    """Whether this torch has cuDNN's fused attention op (and cuDNN itself) for `grid_attention`."""
+    return hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention") and torch.backends.cudnn.is_available()
+
+
 def grid_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[bool, str]:
     """(worth it, why) for `grid_attention` on the packed path: cuDNN's fused attention beats flash
     attention 2 on Hopper only (transformers measured it slower on Ampere, Ada and Blackwell)."""
     if device.type != "cuda":
         return False, "not CUDA"
-    if not hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention") or not torch.backends.cudnn.is_available():
+    if not cudnn_attention_available():
         return False, "this torch has no cuDNN attention"
     if torch.cuda.get_device_capability(device)[0] != 9:
         return False, "not a Hopper GPU (cuDNN attention is faster than flash attention 2 on Hopper only)"
