@@ -94,6 +94,18 @@ def cuda_time(fn: Callable[[], Any], reps: int = 10, warmup: int = 3) -> float:
     return float(np.median(times))
 
 
+def two_passes(run: Callable[[], Any]) -> tuple[tuple[float, float], Any]:
+    """Wall seconds of two back-to-back passes of run(), each ended by a device sync, and the second
+    pass's result. The second pass is a run's figure (a long job's steady state), the first beside it."""
+    seconds, out = [], None
+    for _ in range(2):
+        t0 = time.perf_counter()
+        out = run()
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t0)
+    return (seconds[0], seconds[1]), out
+
+
 def gemm_ceiling(shape: str, m: int = 16384, sustain_s: float = 0.0) -> float:
     """tokens/s of the model's linears alone at bf16 cuBLAS speed (random data, m tokens at a time).
 
@@ -168,15 +180,9 @@ def bench_transformers(shape: str, ids: list[list[int]], batch: int, sort: bool,
     run(batches[:warm])
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    passes = []
-    for _ in range(2):  # timed as scorer is: the second pass is the figure, the first beside it
-        t0 = time.perf_counter()
-        real, padded = run(batches)
-        torch.cuda.synchronize()
-        passes.append(time.perf_counter() - t0)
-    dt = passes[1]
+    (first, dt), (real, padded) = two_passes(lambda: run(batches))
     row = Row(f"transformers bf16 sdpa, batch {batch}, {'length-sorted' if sort else 'arrival order'}",
-              real / dt, real / padded, torch.cuda.max_memory_allocated() / 2**30, weight, dt, real / passes[0])
+              real / dt, real / padded, torch.cuda.max_memory_allocated() / 2**30, weight, dt, real / first)
     del model
     _free()
     return row
@@ -302,17 +308,16 @@ def bench_scorer(shape: str, ids: list[list[int]], v: Variant, max_batch_tokens:
     sc.score_encoded(warm)  # a second warm-up: compiled layers may recompile once for dynamic shapes
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    passes = []
-    for _ in range(2):  # the first pass meets each batch shape once; the second is a long job's steady state
-        t0 = time.perf_counter()
+
+    def score() -> None:
         table = sc.score_encoded(enc)
-        torch.cuda.synchronize()
-        passes.append(time.perf_counter() - t0)
         assert table.num_rows == n and table.column("error").null_count == n, "every row scored"
-    st, dt = sc.last_stats, passes[1]
+
+    (first, dt), _ = two_passes(score)  # the first pass meets each batch shape once
+    st = sc.last_stats
     row = Row(f"{v.name}, budget {max_batch_tokens}",
               st.real_tokens / dt, st.padding_efficiency, torch.cuda.max_memory_allocated() / 2**30, weight, dt,
-              st.real_tokens / passes[0])
+              st.real_tokens / first)
     del sc
     _free()
     return row
