@@ -336,12 +336,15 @@ class Scorer:
         """The backbone on a packed batch, through cuDNN's grid where it is on. Should cuDNN refuse a shape
         (no engine for it, a failed plan), the batch reruns on flash attention varlen, as does every later
         one: the forward has no side effects, so no row is lost or scored twice. Out of memory is raised."""
-        forward = self.model.model.forward_packed
+        def forward(grid: Grid | None) -> torch.Tensor:
+            ctx = Packed(b.cu_seqlens, b.max_len, grid)
+            return self.model.model.forward_packed(b.input_ids, b.position_ids, ctx, rows_emb, keep)
+
         grid = self._grid(b.lengths)
         if grid is None:
-            return forward(b.input_ids, b.position_ids, Packed(b.cu_seqlens, b.max_len), rows_emb, keep)
+            return forward(None)
         try:
-            return forward(b.input_ids, b.position_ids, Packed(b.cu_seqlens, b.max_len, grid), rows_emb, keep)
+            return forward(grid)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as e:
@@ -350,7 +353,7 @@ class Scorer:
             log.warning("cuDNN attention failed on a %d x %d grid (%s); this Scorer runs flash attention varlen "
                         "from now on (attention_kernel='flash' skips cuDNN from the start)", rows, width, first)
             self.grid = False
-            return forward(b.input_ids, b.position_ids, Packed(b.cu_seqlens, b.max_len), rows_emb, keep)
+            return forward(None)
 
     def _grid(self, lengths: np.ndarray) -> Grid | None:
         """The batch's right-padded grid for cuDNN attention, or None (flash varlen) when the kernel is off
