@@ -1,10 +1,12 @@
 """Tuning sweep of int4_gemv (the m <= 16 fused kernel): variants of its build knobs and host layout,
 timed by CUDA-graph replay on Llama layer shapes, main loop alone and with the fix-up.
 
-    python benchmarks/gemv_sweep.py [--variants reg,smem12,...] [--ncu]
+    python benchmarks/gemv_sweep.py [--variants reg,smem12,...] [--waves 1,2,4] [--min-chunks 16,32] [--ncu]
 
 A variant is build options (GEMV_D1/GEMV_D2 tiles in flight for m <= 8 / <= 16, GEMV_WARPS per block)
-plus the host's min_chunk (tiles per warp at least). --ncu launches each kernel once, for
+plus the host's min_chunk (tiles per warp at least). `--waves F` cuts the layer into F times as many
+chunks as one wave holds (F waves of shorter chunks, handed out by the block scheduler as SMs free up);
+`--min-chunks` overrides the variant's min_chunk. Every combination is timed. --ncu launches each kernel once, for
 `ncu --kernel-name regex:int4_gemv`.
 """
 
@@ -52,16 +54,19 @@ def build(opts_: dict):
 
 
 def launcher(mod, variant, w: int4.Int4Weight, x: torch.Tensor, out: torch.Tensor, ws: torch.Tensor,
-             main_only: bool):
-    opts, min_chunk = variant
+             main_only: bool, waves: int = 1, min_chunk: int | None = None):
+    opts, min_chunk0 = variant
+    min_chunk = min_chunk0 if min_chunk is None else min_chunk
     warps_per_block, b1, b2 = int4.GEMV_WARPS, opts["B1"], opts["B2"]
     m = x.shape[0]
     kp, np_ = int4.padded(w.k, w.n)
     nbk, kt = w.qweight.shape[:2]
     mt = int4.mt_of(m)
-    wave = warps_per_block * (b1 if mt == 1 else b2)
+    wave = warps_per_block * (b1 if mt == 1 else b2) * waves
     chunk, warps, pmax = int4.gemv_layout(nbk, kt, torch.cuda.get_device_properties(0).multi_processor_count,
                                           min_chunk, wave)
+    if nbk * pmax * mt * 8 * 64 > ws.numel():
+        raise ValueError(f"gemv_sweep: the fix-up workspace is too small for {waves} waves")
     fn = mod.get_function(f"int4_gemv<0, {mt}>")
     fix = mod.get_function(f"int4_gemv_fix<0, {mt}>")
     p = lambda t: np.uint64(0 if t is None else t.data_ptr())  # noqa: E731
@@ -83,16 +88,21 @@ def launcher(mod, variant, w: int4.Int4Weight, x: torch.Tensor, out: torch.Tenso
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--waves", default="1", help="comma-separated wave counts")
+    ap.add_argument("--min-chunks", default="", help="comma-separated min_chunk overrides (default: the variant's)")
     ap.add_argument("--ncu", action="store_true")
     args = ap.parse_args()
+    waves_l = [int(v) for v in args.waves.split(",")]
+    chunks_l = [int(v) for v in args.min_chunks.split(",")] if args.min_chunks else [None]
     from int4 import gpu_time, quant_layer, rotated  # benchmarks/int4.py
 
     names = args.variants.split(",")
     mods = {n: build(VARIANTS[n][0]) for n in names}
     ws = torch.zeros(64 * 2**20, dtype=torch.float32, device="cuda")
     print(f"# {torch.cuda.get_device_name()}: int4_gemv sweep, fp16, g128 act-order (x pre-gathered)\n")
-    print("| K x N | m | variant | main us | main TB/s | main + fix us | TB/s | x ref rel err | bits = first |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---|")
+    print("| K x N | m | variant | waves | min chunk | main us | main TB/s | main + fix us | TB/s | x ref rel err "
+          "| bits = first |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for k, n in SHAPES:
         lin = quant_layer(k, n)
         w0 = lin._weight()
@@ -105,14 +115,14 @@ def main() -> int:
             ref = x.float() @ dense.t()
             out = torch.empty(m, n, device="cuda", dtype=torch.float16)
             first = None  # the first variant's output: the others must match it bit for bit
-            for name in names:
+            for name, waves, mc in ((nm, f, c) for nm in names for f in waves_l for c in chunks_l):
                 v = VARIANTS[name]
-                runs = [launcher(mods[name], v, wi, xs, out, ws, False)[0] for wi in wsl]
+                runs = [launcher(mods[name], v, wi, xs, out, ws, False, waves, mc)[0] for wi in wsl]
                 if args.ncu:
                     runs[0]()
                     torch.cuda.synchronize()
                     continue
-                mains = [launcher(mods[name], v, wi, xs, out, ws, True)[0] for wi in wsl]
+                mains = [launcher(mods[name], v, wi, xs, out, ws, True, waves, mc)[0] for wi in wsl]
                 out.fill_(float("nan"))
                 runs[0]()
                 err = ((out.float() - ref).norm() / ref.norm()).item()
@@ -120,8 +130,9 @@ def main() -> int:
                 same = "yes" if torch.equal(out, first) else "NO"
                 t_main = gpu_time(mains)
                 t_all = gpu_time(runs)
-                print(f"| {k}x{n} | {m} | {name} | {t_main * 1e6:.1f} | {qbytes / t_main / 1e12:.2f} | "
-                      f"{t_all * 1e6:.1f} | {qbytes / t_all / 1e12:.2f} | {err:.1e} | {same} |", flush=True)
+                print(f"| {k}x{n} | {m} | {name} | {waves} | {v[1] if mc is None else mc} | {t_main * 1e6:.1f} | "
+                      f"{qbytes / t_main / 1e12:.2f} | {t_all * 1e6:.1f} | {qbytes / t_all / 1e12:.2f} | {err:.1e} | "
+                      f"{same} |", flush=True)
         del lin, wsl, dense
         torch.cuda.empty_cache()
     return 0

@@ -1,6 +1,6 @@
 """How fast can one wave of warps stream a layer's bytes, by the order they read them in?
 
-    python benchmarks/read_pattern.py [--mib 256] [--warps-per-sm 24]
+    python benchmarks/read_pattern.py [--mib 256] [--warps-per-sm 24] [--waves 1,2,4,8]
 
 gemv gives each warp of one wave a contiguous chunk of the layer (stream-K), so at any moment the wave
 reads ~3,000 addresses spread over the whole layer. A copy kernel instead sweeps: neighbouring warps read
@@ -8,6 +8,11 @@ neighbouring bytes, so the addresses in flight sit in a narrow window. This time
 one buffer in both orders, with 16-byte loads per lane (8 in flight per warp) and with bulk copies of
 2 KB into a 4-stage shared-memory ring (as gemv's ring 2), against a device-to-device copy: if the sweep
 is much faster, storing each warp's tiles interleaved (tile s of every warp side by side) would pay.
+
+`--waves W` cuts the same bytes over W times as many warps (W waves, shorter chunks), which the block
+scheduler hands out as SMs free up: if one wave's equal chunks leave a tail (some SMs streaming slower than
+others), more waves close it. fp16 cuBLAS GEMV (m = 1) on a 4096-column layer of the same size is timed
+beside them: the read rate the hardware gives a library kernel.
 """
 
 from __future__ import annotations
@@ -93,22 +98,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--warps-per-sm", type=int, default=24)
+    ap.add_argument("--waves", default="1", help="comma-separated wave counts (warps = waves x one wave)")
     a = ap.parse_args()
     names = [f"rd<{s}>" for s in (0, 1)] + [f"rd_bulk<{s}>" for s in (0, 1)]
     mod = cupy.RawModule(code=int4.SOURCE.read_text() + SRC, options=("-std=c++17", "-DGEMV_HINT=0"),
                          name_expressions=names)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    blocks = sms * a.warps_per_sm // 4
-    W = blocks * 4
-    per = max(16, (a.mib * 2**20 // 512 // W) // 16 * 16)  # pieces per warp, a multiple of 16
-    nbytes = per * W * 512
-    bufs = [torch.randint(0, 2**31, (nbytes // 4,), dtype=torch.int32, device="cuda") for _ in range(3)]
+    cap = a.mib * 2**20
+    bufs = [torch.randint(0, 2**31, (cap // 4,), dtype=torch.int32, device="cuda") for _ in range(3)]
     out = torch.zeros(1, dtype=torch.int32, device="cuda")
 
-    def timed(fn) -> float:
+    def timed(fn, pool=bufs) -> float:  # median of 10 launches, each on one of three buffers in turn
         ts = []
         for r in range(12):
-            b = bufs[r % 3]
+            b = pool[r % 3]
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             fn(b)
@@ -117,23 +120,39 @@ def main() -> int:
             ts.append(s.elapsed_time(e) / 1e3)
         return float(np.median(ts[2:]))
 
-    print(f"# {torch.cuda.get_device_name()}: reads of {nbytes / 2**20:.0f} MiB by {W} warps "
-          f"({a.warps_per_sm} a SM), {per} pieces of 512 B each\n")
-    print("| pattern | us | TB/s |")
-    print("|---|---:|---:|")
+    print(f"# {torch.cuda.get_device_name()}: reads of up to {a.mib} MiB, one wave = {sms} SMs x "
+          f"{a.warps_per_sm} warps, 512-byte pieces\n")
+    print("| pattern | waves | warps | pieces a warp | us | TB/s |")
+    print("|---|---:|---:|---:|---:|---:|")
     dst = torch.empty_like(bufs[0])
     t = timed(lambda b: dst.copy_(b))
-    print(f"| device copy (read + write counted) | {t * 1e6:.1f} | {2 * nbytes / t / 1e12:.2f} |")
-    for name, label in zip(names, ["chunk per warp, 16 B loads", "sweep, 16 B loads",
-                                   "chunk per warp, 2 KB bulk copies", "sweep, 2 KB bulk copies"]):
-        fn = mod.get_function(name)
+    print(f"| device copy (read + write counted) | | | | {t * 1e6:.1f} | {2 * cap / t / 1e12:.2f} |")
+    wt = [torch.randn(cap // 2 // 4096, 4096, device="cuda", dtype=torch.float16) for _ in range(3)]
+    xv = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    t = timed(lambda w: torch.nn.functional.linear(xv, w), wt)
+    print(f"| fp16 cuBLAS GEMV, m = 1, {wt[0].shape[0]}x4096 | | | | {t * 1e6:.1f} | {cap / t / 1e12:.2f} |")
+    del wt
+    labels = ["chunk per warp, 16 B loads", "sweep, 16 B loads", "chunk per warp, 2 KB bulk copies",
+              "sweep, 2 KB bulk copies"]
+    for waves in (int(v) for v in a.waves.split(",")):
+        blocks = sms * a.warps_per_sm // 4 * waves
+        W = blocks * 4
+        per = max(16, (cap // 512 // W) // 16 * 16)  # pieces per warp, a multiple of 16
+        while per > 16 and per * W * 512 > cap:
+            per -= 16
+        nbytes = per * W * 512
+        if nbytes > cap:
+            print(f"| ({waves} waves need {nbytes >> 20} MiB: skipped) | | | | | |")
+            continue
+        for name, label in zip(names, labels):
+            fn = mod.get_function(name)
 
-        def run(b, fn=fn):
-            with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-                fn((blocks,), (128,), (np.uint64(b.data_ptr()), np.int32(per), np.uint64(out.data_ptr())))
+            def run(b, fn=fn, blocks=blocks, per=per):
+                with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+                    fn((blocks,), (128,), (np.uint64(b.data_ptr()), np.int32(per), np.uint64(out.data_ptr())))
 
-        t = timed(run)
-        print(f"| {label} | {t * 1e6:.1f} | {nbytes / t / 1e12:.2f} |", flush=True)
+            t = timed(run)
+            print(f"| {label} | {waves} | {W} | {per} | {t * 1e6:.1f} | {nbytes / t / 1e12:.2f} |", flush=True)
     return 0
 
 
