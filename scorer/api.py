@@ -221,12 +221,13 @@ class Scorer:
         return scorer
 
     def warmup(self) -> None:
-        """Score four synthetic batches of different shapes, so CUDA kernels compile, the 4-bit crossover
-        is measured and compiled layers trace (static, then dynamic shapes, with and without the cuDNN
-        grid) before real work is timed."""
+        """Score nine synthetic batches of different shapes, so CUDA kernels compile, the 4-bit crossover
+        is measured and compiled layers trace (static, then dynamic shapes, and single rows, with and
+        without the cuDNN grid) before real work is timed: a job then never compiles mid-shard."""
         rng = np.random.default_rng(0)
-        # the first two fill their grid (cuDNN attention where it is on), the last two do not (flash)
-        for row_lengths in ((32, 32), (48, 48, 48), (40, 17), (60, 20, 20)):
+        # the first two fill their grid (cuDNN attention where it is on), the next two do not (flash); then
+        # single rows (size-1 dimensions, which dynamic shapes specialize): grid twice, flash twice, one token
+        for row_lengths in ((32, 32), (48, 48, 48), (40, 17), (60, 20, 20), (48,), (64,), (17,), (33,), (1,)):
             ids = [rng.integers(4, self.cfg.vocab_size, min(n, self.settings.max_length)).tolist()
                    for n in row_lengths]
             n_rows = len(ids)

@@ -1,0 +1,43 @@
+"""Compiled decoder layers: after Scorer.warmup, no batch shape a job can meet compiles again (a retrace
+mid-shard costs seconds, and past torch's recompile limit a shape class runs eager for good). The layers
+are compiled with dynamo's "eager" backend here: the guards and traces are dynamo's, whichever backend
+runs the graphs, and no C++ compiler is needed on a CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scorer import Scorer
+from scorer.api import Encoded
+from scorer.model import llama
+
+
+def _batches(rng: np.random.Generator, vocab: int) -> list[list[list[int]]]:
+    """Row lengths a job meets: single rows (short, long, grid-filling or not), ragged pairs, full mixes."""
+    shapes = [(1,), (7,), (16,), (19,), (96,), (130,), (2, 2), (31, 9), (64, 64), (5, 40, 41, 3), (100, 97, 99),
+              tuple(rng.integers(1, 60, 17))]
+    return [[rng.integers(4, vocab, n).tolist() for n in lens] for lens in shapes]
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+@pytest.mark.parametrize("task,pooling", [("classify", "last"), ("embed", "mean")])
+def test_warmup_leaves_nothing_to_compile(make_dir, kernel, task, pooling):
+    torch._dynamo.reset()  # traces of earlier tests would count against the limit
+    sc = Scorer.from_pretrained(make_dir(num_labels=3), device="cpu", attention="packed", attention_kernel=kernel,
+                                task=task, pooling=pooling, compile=False, max_batch_tokens=160)
+    eager = Scorer.from_pretrained(make_dir(num_labels=3), device="cpu", attention="packed", attention_kernel=kernel,
+                                   task=task, pooling=pooling, compile=False, max_batch_tokens=160)
+    llama.compile_layers(sc.model, backend="eager")
+    assert torch._dynamo.config.recompile_limit >= llama.RECOMPILE_LIMIT
+    sc.warmup()
+    col = "probs" if task == "classify" else "embedding"
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for ids in _batches(np.random.default_rng(1), sc.cfg.vocab_size):
+            n = len(ids)
+            enc = Encoded(ids, np.array([len(x) for x in ids], dtype=np.int32), np.zeros(n, dtype=bool), [None] * n)
+            got = sc.score_encoded(enc)
+            want = eager.score_encoded(enc)
+            np.testing.assert_allclose(np.array(got[col].to_pylist()), np.array(want[col].to_pylist()),
+                                       atol=1e-5, rtol=0)
