@@ -1,0 +1,134 @@
+"""Small-batch latency: how long Scorer.score_encoded takes for a handful of texts, and how much of it
+the GPU is busy, against transformers on the same rows.
+
+    python benchmarks/latency.py [--model-shape 8b] [--variants bf16+compile,int4+compile] [--cases 1x16,8x64]
+
+A case RxT is R rows of T tokens each. Wall ms is the median of 10 calls after 3 untimed ones (a call
+returns scores in host memory, so it ends synchronized). GPU ms is the sum of the kernel times
+torch.profiler records in one more call. Where wall is much larger, the call is bound by the host's
+launches (Python, dispatch, CuPy's launch path), which CUDA graphs would remove; where they are close,
+by the GPU. The graphs torch.compile builds after Scorer.warmup, over all cases, are counted: a job
+should meet none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from scorer import bench  # noqa: E402
+
+REPS = 10
+
+
+def wall_ms(fn) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(REPS):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts)
+
+
+def gpu_ms(fn) -> float:
+    """Kernel time of one call of fn (sum over the CUDA kernels and copies torch.profiler sees)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.key_averages()) / 1e3
+
+
+def cases_of(spec: str) -> list[tuple[int, int]]:
+    out = []
+    for c in spec.split(","):
+        r, t = c.lower().split("x")
+        out.append((int(r), int(t)))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model-shape", default="8b", choices=["8b", "70b", "tiny"])
+    ap.add_argument("--variants", default="bf16+compile,int4+compile")
+    ap.add_argument("--cases", default="1x16,1x128,1x512,8x64,32x128")
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers")
+    a = ap.parse_args()
+    from scorer.api import Encoded
+
+    cases = cases_of(a.cases)
+    vocab = bench.hf_config(a.model_shape)["vocab_size"]
+    rng = np.random.default_rng(0)
+    inputs = {c: [rng.integers(1, vocab, c[1]).tolist() for _ in range(c[0])] for c in cases}
+    cols: dict[str, dict[tuple[int, int], tuple[float, float]]] = {}
+    retraced: dict[str, int] = {}  # graphs torch.compile built after Scorer.warmup, over all the cases
+
+    if not a.no_peer and a.model_shape != "70b":
+        import transformers
+
+        cfg = transformers.LlamaConfig(**{k: v for k, v in bench.hf_config(a.model_shape).items()
+                                          if k != "architectures"})
+        cfg._attn_implementation = "sdpa"
+        with torch.device("cuda"):
+            model = transformers.LlamaForSequenceClassification(cfg).to(torch.bfloat16).eval()
+        res = {}
+        for c in cases:
+            x = torch.tensor(inputs[c])
+            mask = torch.ones_like(x)
+
+            def run(x=x, mask=mask):
+                with torch.inference_mode():
+                    out = model(input_ids=x.cuda(non_blocking=True), attention_mask=mask.cuda(non_blocking=True))
+                    return out.logits.float().softmax(-1).cpu()
+
+            res[c] = (wall_ms(run), gpu_ms(run))
+        cols["transformers bf16 sdpa"] = res
+        del model
+        bench._free()
+
+    for spec in a.variants.split(","):
+        v = bench.Variant.parse(spec)
+        sc = bench.random_scorer(a.model_shape, v, 16384)
+        sc.warmup()
+        from torch._dynamo.utils import counters
+
+        graphs = counters["stats"]["unique_graphs"]
+        res = {}
+        for c in cases:
+            ids = inputs[c]
+            n = len(ids)
+            enc = Encoded(list(ids), np.full(n, c[1], dtype=np.int32), np.zeros(n, dtype=bool), [None] * n)
+            res[c] = (wall_ms(lambda enc=enc: sc.score_encoded(enc)), gpu_ms(lambda enc=enc: sc.score_encoded(enc)))
+        cols[v.name] = res
+        retraced[v.name] = counters["stats"]["unique_graphs"] - graphs
+        del sc
+        bench._free()
+
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, shape {a.model_shape}: "
+          f"wall ms (median of {REPS}) / GPU kernel ms of one call\n")
+    names = list(cols)
+    print("| rows x tokens | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for c in cases:
+        cells = [f"{cols[nm][c][0]:.1f} / {cols[nm][c][1]:.1f}" for nm in names]
+        print(f"| {c[0]}x{c[1]} | " + " | ".join(cells) + " |")
+    for nm, k in retraced.items():
+        print(f"\n{nm}: {k} graphs compiled after warmup()")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
