@@ -166,9 +166,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Pac
     return out[0]
 
 
-# One opaque call under torch.compile, as the CUDA op is: traced, its loop over rows would retrace for
-# every row count.
-@torch.compiler.disable
+# An op of its own, so torch.compile traces it as one opaque call, as it does the CUDA op: traced, its
+# loop over rows would retrace for every row count, and a graph break would split the layer in two.
+@torch.library.custom_op("scorer::varlen_reference", mutates_args=())
 def _varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                       scale: float) -> torch.Tensor:
     """varlen_attention off CUDA: causal SDPA row by row."""
@@ -180,6 +180,11 @@ def _varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         ki, vi = ki.repeat_interleave(rep, 0), vi.repeat_interleave(rep, 0)
         rows.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale).transpose(0, 1))
     return torch.cat(rows)
+
+
+@_varlen_reference.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.empty_like(q)
 
 
 def grid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid, scale: float) -> torch.Tensor:
@@ -332,7 +337,8 @@ def concat_linears(parts: tuple[nn.Module, ...]) -> nn.Linear:
 # Traces a compiled decoder layer needs: keep (None in all but the last layer, or a tensor) x packed
 # attention (cuDNN grid or flash varlen) x {first, static trace; dynamic shapes; a single-row batch, whose
 # size-1 dimensions dynamic shapes specialize} + one-token batches = 14, against torch's default of 8. Past
-# the limit a new shape class runs eager for good (a 4-bit 8B model scored one row in 68 ms instead of ~20).
+# the limit a new shape class runs eager for good (a 4-bit 8B Scorer took 120 ms for one 512-token row, 58
+# with it compiled: benchmarks/latency.py).
 RECOMPILE_LIMIT = 32
 
 

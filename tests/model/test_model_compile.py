@@ -41,3 +41,6 @@ def test_warmup_leaves_nothing_to_compile(make_dir, kernel, task, pooling):
             want = eager.score_encoded(enc)
             np.testing.assert_allclose(np.array(got[col].to_pylist()), np.array(want[col].to_pylist()),
                                        atol=1e-5, rtol=0)
+    # a retrace on the grid branch would raise inside Scorer._forward_packed, which turns the grid off and
+    # reruns the batch on flash varlen: the grid must still be on
+    assert sc.grid == (kernel == "cudnn")
