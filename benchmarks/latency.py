@@ -14,9 +14,7 @@ should meet none.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,16 +28,9 @@ REPS = 10
 
 
 def wall_ms(fn) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(REPS):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+    """Median ms of fn() after 3 untimed calls. The calls end synchronized (scores reach host memory), so
+    the CUDA events around each one span its wall time."""
+    return 1e3 * bench.cuda_time(fn, reps=REPS, warmup=3)
 
 
 def gpu_ms(fn) -> float:
@@ -67,6 +58,8 @@ def main() -> int:
     ap.add_argument("--cases", default="1x16,1x128,1x512,8x64,32x128")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
     a = ap.parse_args()
+    from torch._dynamo.utils import counters
+
     from scorer.api import Encoded
 
     cases = cases_of(a.cases)
@@ -77,13 +70,7 @@ def main() -> int:
     retraced: dict[str, int] = {}  # graphs torch.compile built after Scorer.warmup, over all the cases
 
     if not a.no_peer and a.model_shape != "70b":
-        import transformers
-
-        cfg = transformers.LlamaConfig(**{k: v for k, v in bench.hf_config(a.model_shape).items()
-                                          if k != "architectures"})
-        cfg._attn_implementation = "sdpa"
-        with torch.device("cuda"):
-            model = transformers.LlamaForSequenceClassification(cfg).to(torch.bfloat16).eval()
+        model = bench.transformers_model(a.model_shape)
         res = {}
         for c in cases:
             x = torch.tensor(inputs[c])
@@ -103,8 +90,6 @@ def main() -> int:
         v = bench.Variant.parse(spec)
         sc = bench.random_scorer(a.model_shape, v, 16384)
         sc.warmup()
-        from torch._dynamo.utils import counters
-
         graphs = counters["stats"]["unique_graphs"]
         res = {}
         for c in cases:

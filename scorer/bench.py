@@ -150,13 +150,19 @@ def _free() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def bench_transformers(shape: str, ids: list[list[int]], batch: int, sort: bool, warm: int = 2) -> Row:
+def transformers_model(shape: str) -> torch.nn.Module:
+    """The peer: transformers' LlamaForSequenceClassification in this shape, bf16, SDPA, random weights, on
+    the GPU."""
     import transformers
 
     cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config(shape).items() if k not in ("architectures",)})
     cfg._attn_implementation = "sdpa"
     with torch.device("cuda"):
-        model = transformers.LlamaForSequenceClassification(cfg).to(torch.bfloat16).eval()
+        return transformers.LlamaForSequenceClassification(cfg).to(torch.bfloat16).eval()
+
+
+def bench_transformers(shape: str, ids: list[list[int]], batch: int, sort: bool, warm: int = 2) -> Row:
+    model = transformers_model(shape)
     weight = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     order = np.argsort([-len(x) for x in ids], kind="stable") if sort else np.arange(len(ids))
     batches = [order[i : i + batch] for i in range(0, len(order), batch)]

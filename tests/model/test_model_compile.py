@@ -25,10 +25,9 @@ def _batches(rng: np.random.Generator, vocab: int) -> list[list[list[int]]]:
 @pytest.mark.parametrize("task,pooling", [("classify", "last"), ("embed", "mean")])
 def test_warmup_leaves_nothing_to_compile(make_dir, kernel, task, pooling):
     torch._dynamo.reset()  # traces of earlier tests would count against the limit
-    sc = Scorer.from_pretrained(make_dir(num_labels=3), device="cpu", attention="packed", attention_kernel=kernel,
-                                task=task, pooling=pooling, compile=False, max_batch_tokens=160)
-    eager = Scorer.from_pretrained(make_dir(num_labels=3), device="cpu", attention="packed", attention_kernel=kernel,
-                                   task=task, pooling=pooling, compile=False, max_batch_tokens=160)
+    kw = dict(device="cpu", attention="packed", attention_kernel=kernel, task=task, pooling=pooling, compile=False,
+              max_batch_tokens=160)
+    sc, eager = (Scorer.from_pretrained(make_dir(num_labels=3), **kw) for _ in range(2))
     llama.compile_layers(sc.model, backend="eager")
     assert torch._dynamo.config.recompile_limit >= llama.RECOMPILE_LIMIT
     sc.warmup()
