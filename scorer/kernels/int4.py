@@ -25,6 +25,7 @@ import logging
 import statistics
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -689,6 +690,73 @@ def matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     return dequant_matmul(x, w)
 
 
+# -- the torch op ----------------------------------------------------------------------------------
+# Int4Linear's forward under torch.compile: one opaque op, so a compiled decoder layer of a 4-bit model
+# is one graph around its int4 calls (with torch.compiler.disable each call split the layer, and a short
+# batch paid every piece's guards and frame switches: 47-68 ms for 4-18 ms of GPU work on the 8B model).
+# The op takes the layer's tensors; the Int4Weight that holds their launch plans and measured choices is
+# found by the tensors' addresses among the live ones Int4Linear registered (weakly: a dropped model
+# frees its weights), or built for the call.
+
+_live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _key(qweight, scales, qzeros, perm, bias, k: int, n: int, group16: int) -> tuple:
+    return (*(0 if t is None else t.data_ptr() for t in (qweight, scales, qzeros, perm, bias)),
+            tuple(qweight.shape), scales.dtype, k, n, group16)
+
+
+def register(w: Int4Weight) -> None:
+    """Make `w` (with its plans and timings) the one the op uses for these tensors."""
+    _live[_key(w.qweight, w.scales, w.qzeros, w.perm, w.bias, w.k, w.n, w.group16)] = w
+
+
+@torch.library.custom_op("scorer::int4_matmul", mutates_args=(), device_types="cuda")
+def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                perm: torch.Tensor | None, bias: torch.Tensor | None, k: int, n: int, group16: int) -> torch.Tensor:
+    """y (M, N) = x (M, K) @ W + bias over the prepared layout (Int4Weight's fields): `matmul`."""
+    if x.shape[0] == 0:
+        return x.new_empty(0, n)
+    w = _live.get(_key(qweight, scales, qzeros, perm, bias, k, n, group16))
+    if w is None:  # not a registered layer (torch.library.opcheck, a hand-built call): planned for this call
+        w = Int4Weight(qweight, scales, qzeros, perm, bias, k, n, group16)
+        w.check()
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        x = x.contiguous() if not x.is_contiguous() else x.clone()
+    return matmul(x, w)
+
+
+@int4_matmul.register_fake
+def _(x, qweight, scales, qzeros, perm, bias, k, n, group16):
+    return x.new_empty(x.shape[0], n)
+
+
+@int4_matmul.register_kernel("cpu")
+def _(x, qweight, scales, qzeros, perm, bias, k, n, group16):
+    return reference_matmul(x, qweight, scales, qzeros, perm, bias, k, n, group16)
+
+
+def reference_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                     perm: torch.Tensor | None, bias: torch.Tensor | None, k: int, n: int,
+                     group16: int) -> torch.Tensor:
+    """The op in plain torch, on any device: `reference_weight`, x's columns gathered into sequential
+    order, one matmul."""
+    w = reference_weight(qweight, scales, qzeros, k, n, group16)
+    xs = x if perm is None else x.index_select(1, perm.long())
+    return xs @ w if bias is None else torch.addmm(bias, xs, w)
+
+
+def reference_weight(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, k: int, n: int,
+                     group16: int) -> torch.Tensor:
+    """(K, N) W in the scales' dtype, rows in sequential order, from the tile layout: `unrepack` and the
+    reference dequant (one rounding), row block kt in group min(kt // group16, G - 1) as the kernels do."""
+    from scorer.kernels import reference as ref
+
+    q = unrepack(qweight, k, n)
+    g = (torch.arange(k, device=q.device) // (16 * group16)).clamp_max(scales.shape[0] - 1)
+    return ref.dequantize(ref.pack_qweight(q), qzeros[:, : n // 8].contiguous(), scales[:, :n], g, v1=False)
+
+
 def bandwidth_bytes(w: Int4Weight) -> int:
     """Bytes one dequant moves: packed codes + scales + zeros read, fp16/bf16 W written."""
     return w.qweight.numel() * 4 + w.scales.numel() * 2 + w.qzeros.numel() * 4 + w.k * w.n * 2
@@ -696,6 +764,7 @@ def bandwidth_bytes(w: Int4Weight) -> int:
 
 __all__ = [
     "Int4Weight", "available", "bandwidth_bytes", "crossover", "dequant", "dequant_matmul", "dequant_rows",
-    "gemm_small", "gemm_tiles", "gemv", "gemv_layout", "gemv_pieces", "gemv_ring",
-    "matmul", "measure_crossover", "mt_of", "padded", "repack", "reserve", "split_k", "unrepack", "warps_of",
+    "gemm_small", "gemm_tiles", "gemv", "gemv_layout", "gemv_pieces", "gemv_ring", "int4_matmul",
+    "matmul", "measure_crossover", "mt_of", "padded", "reference_matmul", "reference_weight", "register", "repack", "reserve",
+    "split_k", "unrepack", "warps_of",
 ]

@@ -12,6 +12,8 @@ Int4Linear life cycle (what the loader does):
      columns (fused kernel) or to scatter dequantized rows back (dequant path); scales and bias to the
      activation dtype (fp32 keeps fp16 scales: its W is the checkpoint's fp16 W, widened); the CUDA
      kernels' tile layout; the backend chosen once and logged.
+  4. forward: the cuda backend calls `int4.matmul` directly when eager, and the `scorer::int4_matmul`
+     torch op (the same call) when torch.compile traces it, so a compiled decoder layer stays one graph.
 After prepare the buffers hold the prepared form (`qweight` in the backend's layout, `qzeros` as true
 zeros, `scales` in the activation dtype, `g_idx` in sequential order, `perm`), so the module's memory is
 the 4-bit weight plus small per-group tensors.
@@ -24,12 +26,16 @@ import logging
 import torch
 from torch import nn
 
+from scorer.kernels import int4
 from scorer.kernels import reference as ref
 from scorer.model.quant_config import QuantConfig
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
 _COLUMN_CHUNK = 4096  # columns unpacked at a time while preparing (bounds the temporary memory)
+# Tests set this: prepare() builds the CUDA kernels' tile layout off CUDA too, run there by the
+# scorer::int4_matmul op's plain-torch kernel, so the CPU suite traces the op as a GPU run does.
+TILES_OFF_CUDA = False
 
 
 def make_linear(
@@ -124,9 +130,9 @@ class Int4Linear(nn.Module):
         group16 = -(-k // 16) if group >= k else group // 16
 
         backend, why = "reference", ""
-        if dev.type == "cuda":
-            from scorer.kernels import int4
-
+        if TILES_OFF_CUDA and dev.type != "cuda" and dtype in (torch.float16, torch.bfloat16) and uniform:
+            backend, why = "cuda", "tests: the kernels' layout through the op's plain-torch kernel"
+        elif dev.type == "cuda":
             ok, why = int4.available(dev)
             if ok and dtype not in (torch.float16, torch.bfloat16):
                 ok, why = False, f"activation dtype {dtype} (the kernels run fp16/bf16)"
@@ -142,8 +148,6 @@ class Int4Linear(nn.Module):
         scales = self.scales if dtype == torch.float32 else self.scales.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         if backend == "cuda":
-            from scorer.kernels import int4
-
             kp, np_ = int4.padded(k, n)
             tiles = torch.empty(np_ // 64, kp // 16, 32, 4, dtype=torch.int32, device=dev)
             for c0 in range(0, n, _COLUMN_CHUNK):
@@ -167,23 +171,27 @@ class Int4Linear(nn.Module):
         self.perm = None if perm is None else perm.to(torch.int32)
         self.bias = bias
         self.dtype, self.backend, self._group16 = dtype, backend, group16
-        if backend == "cuda":
-            from scorer.kernels import int4
-
+        if backend == "cuda" and dev.type == "cuda":
             int4.reserve(self._weight())
 
     def _weight(self):
-        from scorer.kernels import int4
-
+        """The kernels' view of this layer (built once, registered for the op; see _apply)."""
         if self._w is None:
             self._w = int4.Int4Weight(self.qweight, self.scales, self.qzeros, self.perm, self.bias,
                                       self.in_features, self.out_features, self._group16)
             self._w.check()
+            int4.register(self._w)
         return self._w
 
     def _apply(self, fn, *args, **kwargs):
-        self._w = None  # buffers may move; the kernel view is rebuilt at the next forward
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        self._w = None  # the buffers may have moved: the kernel view is rebuilt and registered for the op
+        if self.backend == "cuda" and self.qweight.is_cuda:
+            try:
+                self._weight()
+            except ValueError:
+                pass  # a layout the kernels refuse: the next forward builds it again and says why
+        return out
 
     # -- run ---------------------------------------------------------------------------------------
 
@@ -196,7 +204,6 @@ class Int4Linear(nn.Module):
         out[self.perm.long()] = w
         return out
 
-    @torch.compiler.disable  # CuPy launches and the shared scratch buffer stay eager under torch.compile
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend is None:
             raise RuntimeError("Int4Linear.prepare(dtype) must run once after loading (load_model does)")
@@ -207,29 +214,44 @@ class Int4Linear(nn.Module):
             )
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] == 0:
-            return x.new_empty(*lead, self.out_features)
         if self.backend == "cuda":
-            from scorer.kernels import int4
-
-            if not x2.is_contiguous():
-                x2 = x2.contiguous()
-            elif x2.data_ptr() % 16:
-                x2 = x2.clone()
-            y = int4.matmul(x2, self._weight())
+            # traced: one opaque op in the layer's graph; eager on CUDA: the same function without the
+            # dispatcher's few us (a short batch of an 8B model makes 224 of these calls)
+            y = (self._eager_cuda(x2) if self.qweight.is_cuda and not torch.compiler.is_compiling() else
+                 torch.ops.scorer.int4_matmul(x2, self.qweight, self.scales, self.qzeros, self.perm, self.bias,
+                                              self.in_features, self.out_features, self._group16))
         else:
-            w = self._reference_weight()
-            y = x2 @ w if self.bias is None else torch.addmm(self.bias, x2, w)
+            y = self._reference_forward(x2)
         return y.view(*lead, self.out_features)
+
+    def _eager_cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.shape[0] == 0:
+            return x2.new_empty(0, self.out_features)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        elif x2.data_ptr() % 16:
+            x2 = x2.clone()
+        return int4.matmul(x2, self._weight())
+
+    @torch.compiler.disable  # the plain-torch dequant stays eager under torch.compile (its own frame)
+    def _reference_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        w = self._reference_weight()
+        return x2 @ w if self.bias is None else torch.addmm(self.bias, x2, w)
 
     @torch.no_grad()
     def dequantized_weight(self) -> torch.Tensor:
         """The dense (N, K) weight in the activation dtype (what an nn.Linear with these values holds)."""
         if self.backend is None:
             raise RuntimeError("Int4Linear.prepare(dtype) must run first")
+        if self.backend == "cuda" and not self.qweight.is_cuda:  # TILES_OFF_CUDA
+            wt = int4.reference_weight(self.qweight, self.scales, self.qzeros, self.in_features, self.out_features,
+                                       self._group16).t()
+            if self.perm is None:
+                return wt.contiguous()
+            out = torch.empty_like(wt)
+            out[:, self.perm.long()] = wt
+            return out
         if self.backend == "cuda":
-            from scorer.kernels import int4
-
             wt = torch.empty(self.out_features, self.in_features, dtype=self.dtype, device=self.qweight.device)
             int4.dequant(self._weight(), wt)  # (N, K), columns in sequential order
             if self.perm is None:
