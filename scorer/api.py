@@ -338,7 +338,8 @@ class Scorer:
     def _forward_packed(self, b: Any, rows_emb: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
         """The backbone on a packed batch, through cuDNN's grid where it is on. Should cuDNN refuse a shape
         (no engine for it, a failed plan), the batch reruns on flash attention varlen, as does every later
-        one: the forward has no side effects, so no row is lost or scored twice. Out of memory is raised."""
+        one: the forward has no side effects, so no row is lost or scored twice. Out of memory and torch.compile's
+        errors are raised."""
         def forward(grid: Grid | None) -> torch.Tensor:
             ctx = Packed(b.cu_seqlens, b.max_len, grid)
             return self.model.model.forward_packed(b.input_ids, b.position_ids, ctx, rows_emb, keep)
@@ -351,6 +352,10 @@ class Scorer:
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as e:
+            from torch._dynamo.exc import TorchDynamoException
+
+            if isinstance(e, TorchDynamoException):  # torch.compile's own (a retrace refused, a backend failed)
+                raise
             rows, width = grid.src.shape
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             log.warning("cuDNN attention failed on a %d x %d grid (%s); this Scorer runs flash attention varlen "

@@ -43,3 +43,32 @@ def test_warmup_leaves_nothing_to_compile(make_dir, kernel, task, pooling):
     # a retrace on the grid branch would raise inside Scorer._forward_packed, which turns the grid off and
     # reruns the batch on flash varlen: the grid must still be on
     assert sc.grid == (kernel == "cudnn")
+
+
+def test_compile_errors_are_raised_not_taken_for_cudnn_refusals(make_dir):
+    """A backend that fails on a new trace of the grid branch is torch.compile's error, not cuDNN's: it
+    reaches the caller and the grid stays on (the cuDNN fallback used to swallow it, turn the grid off
+    for good and fail again on flash)."""
+    refuse = []
+
+    def backend(gm, example_inputs):  # compiles the traces of the first batch, refuses later ones
+        if refuse:
+            refuse.append(gm)
+            raise ValueError("backend refuses")
+        return gm.forward
+
+    torch._dynamo.reset()
+    sc = Scorer.from_pretrained(make_dir(num_labels=3), device="cpu", attention="packed", attention_kernel="cudnn",
+                                compile=False, max_batch_tokens=160)
+    llama.compile_layers(sc.model, backend=backend)
+    rng = np.random.default_rng(2)
+    sc.score_encoded(_encoded([rng.integers(4, sc.cfg.vocab_size, n).tolist() for n in (32, 32)]))  # a full grid
+    refuse.append(None)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="backend refuses"):
+        sc.score_encoded(_encoded([rng.integers(4, sc.cfg.vocab_size, 45).tolist()]))  # one row on the grid: a new trace
+    assert sc.grid and len(refuse) == 2  # one refused trace, and no rerun on flash after it
+
+
+def _encoded(ids: list[list[int]]) -> Encoded:
+    n = len(ids)
+    return Encoded(ids, np.array([len(x) for x in ids], dtype=np.int32), np.zeros(n, dtype=bool), [None] * n)
