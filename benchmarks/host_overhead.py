@@ -5,7 +5,7 @@
 A small batch of the 4-bit model is launch-bound: the GPU finishes a gemv in ~10-100 us, but the host
 spends its own time per Int4Linear.forward (checks, layout, three kernel launches through CuPy). This
 times back-to-back calls with no synchronisation (host-bound, so wall time per call is host time) for
-Int4Linear at m = 1 and 16 against nn.Linear, then lists where a call's host time goes (cProfile).
+Int4Linear at m = 1 and 16 (eager, and the torch op a compiled layer calls) against nn.Linear, then lists where a call's host time goes (cProfile).
 """
 
 from __future__ import annotations
@@ -53,7 +53,10 @@ def main() -> int:
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             lin(x)  # first use: crossover and ring measured
-            for name, f in (("Int4Linear", lambda: lin(x)), ("nn.Linear (cuBLAS)", lambda: dense(x))):
+            args = (x, lin.qweight, lin.scales, lin.qzeros, lin.perm, lin.bias, k, n, lin._group16)
+            op = torch.ops.scorer.int4_matmul.default  # what a compiled layer calls: the dispatcher, then matmul
+            for name, f in (("Int4Linear", lambda: lin(x)), ("scorer::int4_matmul op", lambda: op(*args)),
+                            ("nn.Linear (cuBLAS)", lambda: dense(x))):
                 print(f"| {name} | {m} | {per_call(f, a.calls) * 1e6:.1f} |", flush=True)
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         prof = cProfile.Profile()
