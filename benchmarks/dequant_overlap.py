@@ -155,8 +155,8 @@ def markdown(rows: list[dict], device: str) -> str:
     for r in rows:
         aw = f"{r['alone_ratio_whole']:.3f}" if "alone_ratio_whole" in r else ""
         ab = f"{r['alone_ratio_best']:.3f}" if "alone_ratio_best" in r else ""
-        lines.append(f"| {r['K']}x{r['N']} | {r['m']} | {r['us']['cublas']:.1f} | {r['ratio_whole']:.3f} | {r['best']} | "
-                     f"{r['ratio_best']:.3f} | {r['diff'][r['best']]:.1e} | {aw} | {ab} |")
+        lines.append(f"| {r['K']}x{r['N']} | {r['m']} | {r['us']['cublas']:.1f} | {r['ratio_whole']:.3f} | "
+                     f"{r['best']} | {r['ratio_best']:.3f} | {r['diff'][r['best']]:.1e} | {aw} | {ab} |")
     lines += ["", "All variants, us:", ""]
     for r in rows:
         lines.append(f"- {r['K']}x{r['N']} m={r['m']}: " + ", ".join(f"{v} {t:.1f}" for v, t in r["us"].items()))

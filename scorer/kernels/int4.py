@@ -765,6 +765,6 @@ def bandwidth_bytes(w: Int4Weight) -> int:
 __all__ = [
     "Int4Weight", "available", "bandwidth_bytes", "crossover", "dequant", "dequant_matmul", "dequant_rows",
     "gemm_small", "gemm_tiles", "gemv", "gemv_layout", "gemv_pieces", "gemv_ring", "int4_matmul",
-    "matmul", "measure_crossover", "mt_of", "padded", "reference_matmul", "reference_weight", "register", "repack", "reserve",
-    "split_k", "unrepack", "warps_of",
+    "matmul", "measure_crossover", "mt_of", "padded", "reference_matmul", "reference_weight", "register",
+    "repack", "reserve", "split_k", "unrepack", "warps_of",
 ]

@@ -65,7 +65,8 @@ def test_compile_errors_are_raised_not_taken_for_cudnn_refusals(make_dir):
     sc.score_encoded(_encoded([rng.integers(4, sc.cfg.vocab_size, n).tolist() for n in (32, 32)]))  # a full grid
     refuse.append(None)
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="backend refuses"):
-        sc.score_encoded(_encoded([rng.integers(4, sc.cfg.vocab_size, 45).tolist()]))  # one row on the grid: a new trace
+        # one row on the grid: a new trace
+        sc.score_encoded(_encoded([rng.integers(4, sc.cfg.vocab_size, 45).tolist()]))
     assert sc.grid and len(refuse) == 2  # one refused trace, and no rerun on flash after it
 
 
