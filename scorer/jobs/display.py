@@ -36,6 +36,7 @@ class JobStats:
     finished: float | None = None
     per_worker: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: {"shards": 0, "tokens": 0, "seconds": 0.0}))
     workers: list[dict[str, Any]] = field(default_factory=list)  # each actor's info(): worker, device, gpus, ...
+    retired: list[str] = field(default_factory=list)  # outputs removed: their input shard is gone
 
     def add(self, r: Any) -> None:
         self.done += 1
@@ -144,10 +145,11 @@ def print_plan(plans: list[Any], estimates: dict[str, dict[str, Any]], console: 
         j, est = p.job, estimates[p.job.name]
         console.print(f"job {j.name}: {j.job.task} with {j.model.uri} -> {j.partition.uri}")
         t = Table(show_edge=False)
-        for c in ("shard", "status", "rows"):
-            t.add_column(c, justify="right" if c == "rows" else "left")
+        for c in ("shard", "status", "rows"):  # a shard's path folds rather than lose its file name
+            t.add_column(c, justify="right" if c == "rows" else "left", overflow="fold" if c == "shard" else "ellipsis")
         for s in p.shards:
-            t.add_row(s.shard.uri, "skip (committed)" if s.done else "to do", _num(s.rows))
+            status = "skip (committed)" if s.done else f"unreadable: {s.unreadable}" if s.unreadable else "to do"
+            t.add_row(s.shard.uri, status, _num(s.rows))
         console.print(t)
         gpu = est.get("gpu_seconds")
         console.print(
@@ -156,8 +158,8 @@ def print_plan(plans: list[Any], estimates: dict[str, dict[str, Any]], console: 
             f"~{_num(gpu, ',.1f' if gpu is None or gpu >= 1 else '.2g')} GPU-seconds ({est['basis']})"
         )
         if p.stale_entries:
-            console.print(f"  note: {len(p.stale_entries)} committed output(s) have no input shard any more: "
-                          f"{', '.join(p.stale_entries[:5])}")
+            console.print(f"  note: {len(p.stale_entries)} committed output(s) have no input shard any more; a run "
+                          f"that completes removes them: {', '.join(p.stale_entries[:5])}")
 
 
 def print_summary(stats: list[JobStats], console: Console | None = None) -> None:
@@ -177,3 +179,6 @@ def print_summary(stats: list[JobStats], console: Console | None = None) -> None
     for s in stats:
         for uri, reason in s.failed.items():
             console.print(f"FAILED {s.name}: {uri}: {reason}", soft_wrap=True)
+        if s.retired:
+            console.print(f"{s.name}: removed {len(s.retired)} output(s) whose input shard is gone: "
+                          f"{', '.join(s.retired[:5])}{' ...' if len(s.retired) > 5 else ''}", soft_wrap=True)

@@ -236,12 +236,15 @@ def read_metadata(shard: Shard, loc: Location) -> pq.FileMetaData:
 
 
 def iter_batches(shard: Shard, loc: Location, columns: list[str], batch_rows: int) -> Iterator[pa.Table]:
-    """The shard's `columns`, `batch_rows` rows at a time, in file order; memory stays about one row group."""
+    """The shard's `columns`, `batch_rows` rows at a time, in file order; memory stays about one row group.
+    A hive partition key fills its column only where the file has no column of that name (as in
+    `read_schema`): a file's own values are never replaced by its folder's."""
     part = dict(shard.partition)
-    file_cols = [c for c in columns if c not in part]
     with loc.fs.open_input_file(shard.path) as f:
         pf = pq.ParquetFile(f)
-        missing = [c for c in file_cols if c not in pf.schema_arrow.names]
+        names = pf.schema_arrow.names
+        file_cols = [c for c in columns if c in names or c not in part]
+        missing = [c for c in file_cols if c not in names]
         if missing:
             raise KeyError(f"{shard.uri} has no column(s) {', '.join(missing)} (it has {', '.join(pf.schema_arrow.names)})")
         for batch in pf.iter_batches(batch_size=batch_rows, columns=file_cols, use_threads=False):
@@ -300,7 +303,9 @@ class StagedParquet:
         if dest.is_local:
             tmp_dir = dest.path.rsplit("/", 1)[0] + "/" + TMP_DIR
             os.makedirs(tmp_dir, exist_ok=True)
-            self.stage = f"{tmp_dir}/{token}.{dest.path.rsplit('/', 1)[-1]}"
+            # not *.parquet: readers that glob the output tree (polars, duckdb: "**/*.parquet") must not
+            # pick up a file being written
+            self.stage = f"{tmp_dir}/{token}.{dest.path.rsplit('/', 1)[-1]}.tmp"
         else:
             self.stage = str(_spool_dir() / f"{token}.parquet")
         self.writer = pq.ParquetWriter(

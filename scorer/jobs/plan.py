@@ -33,6 +33,7 @@ class ShardPlan:
     done: bool
     entry: dict[str, Any] | None = None  # the manifest entry when done
     rows: int | None = None  # from the footer (dry run) or the manifest
+    unreadable: str | None = None  # dry run: why the footer did not read (a run fails this shard alone)
 
 
 @dataclass
@@ -52,15 +53,17 @@ class JobPlan:
 
 
 def model_key(loc: lake.Location) -> str:
-    """The model's identity without reading its weights: small files by content, weights by name + size."""
+    """The model's identity without reading its weights: small files by content, weights by name, size and
+    modification time (a model retrained in place keeps its shapes, so its files keep their sizes; a copy
+    that does not keep mtimes counts as a new model, and its shards are scored again)."""
     files = lake.model_files(loc)
     h = hashlib.sha256()
     for name in sorted(files):
-        size, _ = files[name]
+        size, mtime_ns = files[name]
         if name in SMALL_MODEL_FILES:
             h.update(f"{name}\0".encode() + lake.get_bytes(loc.child(name)) + b"\0")
         elif name.endswith(lake.WEIGHT_SUFFIXES):
-            h.update(f"{name}:{size}\0".encode())
+            h.update(f"{name}:{size}:{mtime_ns}\0".encode())
     return h.hexdigest()
 
 
@@ -100,10 +103,17 @@ def estimate(plan: JobPlan, sample_rows: int = 256) -> dict[str, Any]:
 
     j = plan.job
     todo = plan.todo
+    def footer_rows(p: ShardPlan) -> int:
+        try:
+            return lake.read_metadata(p.shard, j.input).num_rows
+        except Exception as e:  # noqa: BLE001 - any unreadable footer: shown in the plan, as a run would fail it
+            p.unreadable = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            return 0
+
     with ThreadPoolExecutor(8) as pool:
-        rows = list(pool.map(lambda p: lake.read_metadata(p.shard, j.input).num_rows, todo))
+        rows = list(pool.map(footer_rows, todo))
     for p, r in zip(todo, rows):
-        p.rows = r
+        p.rows = None if p.unreadable else r
     total_rows = sum(rows)
     local = lake.fetch_model_dir(j.model, weights=False)
     cfg = LlamaConfig.from_hf_dir(local)
@@ -112,7 +122,7 @@ def estimate(plan: JobPlan, sample_rows: int = 256) -> dict[str, Any]:
     tok.enable_truncation(max_length=max_len, direction=j.job.batching.truncation_side)
     mean_tokens = None
     if todo and total_rows:
-        sample = next((t for p in todo for t in _first_texts(p, j, sample_rows)), None)
+        sample = next((t for p in todo if not p.unreadable for t in _first_texts(p, j, sample_rows)), None)
         if sample:
             enc = tok.encode_batch([t for t in sample if t and t.strip()] or [""])
             mean_tokens = sum(len(e.ids) for e in enc) / max(1, len(enc))

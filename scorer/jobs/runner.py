@@ -4,22 +4,27 @@ Ray Core, not Ray Data: one input shard = one actor call = one committed output 
 
 1. validate jobs.yaml and the lake (scorer.jobs.spec) -> exit 2 on any problem, before Ray starts;
 2. plan (scorer.jobs.plan): shards whose manifest entry has the same fingerprint are skipped;
-3. clean staging files of killed runs, remove a stale `_SUCCESS`;
+3. clean staging files of killed runs, remove a stale `_SUCCESS` and `_report.json`;
 4. start one actor per GPU (`num_gpus=1, num_cpus=0`: ray#44687) or CPU workers, keep
    `runtime.shards_in_flight` calls queued per actor and collect them with `ray.wait`;
 5. an actor that dies (RayActorError: its process was killed, or its node lost) is replaced by a new one
    and its shards go back to the queue; a shard that raises is retried up to `runtime.max_attempts`
    times, except bad input (not Parquet, a missing column), which fails at once. A RayActorError can
    come for a call that did finish: the redo writes the same file under the same name, so it is harmless;
-6. when every shard of the job is in the manifest: `_report.json`, then `_SUCCESS`.
+6. when every shard of the job is in the manifest: outputs whose input shard is gone (renamed, deleted,
+   compacted upstream) are removed with their manifest entries, so the partition holds each input row
+   once; then `_report.json`, then `_SUCCESS`. Otherwise `_report.json` alone, `"complete": false`, with
+   the failed shards and the outputs left in place.
 
-Exit codes: 0 all shards done, 3 some shards failed (named in the summary), 2 invalid job, 1 no cluster.
+Exit codes: 0 all shards done, 3 some shards failed (named in the summary and the report), 2 invalid job,
+1 no cluster.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -38,6 +43,7 @@ from scorer.jobs.worker import ShardInputError, ShardResult, ShardTask, ShardWor
 __all__ = ["run_cli", "run_jobs"]
 
 SUCCESS, REPORT = "_SUCCESS", "_report.json"
+OUTPUT_NAME = re.compile(r"-[0-9a-f]{10}\.parquet$")  # lake.Shard.output_name: stem, hash of the input path
 
 
 def run_cli(jobs_file: Path, *, jobs: list[str] = (), sets: list[str] = (), date: str | None = None,
@@ -146,8 +152,9 @@ def _run_job(plan: JobPlan, run_id: str, progress: Progress) -> JobStats:
     stats = JobStats(j.name, total=len(plan.shards), skipped=len(plan.skipped))
     todo = plan.todo
     lake.clean_stale(j.partition)
-    if todo:
+    if todo:  # the partition is about to change: neither marker may speak for it until _finish
         lake.remove(j.partition.child(SUCCESS))
+        lake.remove(j.partition.child(REPORT))
     progress.start(stats)
     if todo:
         opts, device, n_workers = _worker_options(j)
@@ -263,25 +270,43 @@ def _reason(e: BaseException) -> str:
 
 
 def _finish(plan: JobPlan, stats: JobStats, run_id: str) -> None:
-    """`_report.json` then `_SUCCESS`, only when every shard of the job is in the manifest."""
+    """Complete (every shard of the job in the manifest with its fingerprint, none failed): retire the
+    outputs of shards no longer in the input, then `_report.json`, then `_SUCCESS`. Incomplete:
+    `_report.json` alone, saying so, with what failed and what was left in place."""
     j = plan.job
     manifest = lake.read_manifest(j.partition)
-    complete = all(manifest.get(s.name, {}).get("fingerprint") == s.fingerprint for s in plan.shards)
-    if not complete or stats.failed:
-        return
-    entries = [manifest[s.name] for s in plan.shards]
+    complete = not stats.failed and all(manifest.get(s.name, {}).get("fingerprint") == s.fingerprint
+                                        for s in plan.shards)
+    current = {s.name for s in plan.shards}
+    stale = sorted({n for n in manifest if n not in current}
+                   | {n for n in lake.list_files(j.partition) if n not in current and OUTPUT_NAME.search(n)})
+    if complete:
+        for name in stale:  # the file first: a kill between the two leaves an entry the next run retires
+            lake.remove(j.partition.child(name))
+            lake.remove(j.partition.child(lake.MANIFEST_DIR, name + ".json"))
+        stats.retired = stale
+        entries = [manifest[s.name] for s in plan.shards]
+    else:
+        entries = [manifest[s.name] for s in plan.shards if manifest.get(s.name, {}).get("fingerprint") == s.fingerprint]
     labels: dict[str, int] = {}
     for e in entries:
         for k, v in (e.get("labels") or {}).items():
             labels[k] = labels.get(k, 0) + v
     report = {
         "job": j.name, "run_id": run_id, "scorer_version": __version__, "output": j.partition.uri,
-        "input": j.input.uri, "model": j.model.uri, "model_key": plan.model_key,
+        "input": j.input.uri, "model": j.model.uri, "model_key": plan.model_key, "complete": complete,
         "model_fingerprints": sorted({e.get("model_fingerprint", "") for e in entries}),
         "partition": {"shards": len(entries), "rows": sum(e.get("rows", 0) for e in entries),
                       "tokens": sum(e.get("tokens", 0) for e in entries), "labels": labels},
         "this_run": stats.to_dict(),
         "files": [{"name": e["name"], "input": e["input"], "rows": e.get("rows"), "fingerprint": e["fingerprint"]} for e in entries],
     }
+    if complete:
+        report["retired"] = stale  # outputs of shards no longer in the input, removed by this run
+    else:
+        report["not_committed"] = sorted(s.shard.uri for s in plan.shards
+                                         if manifest.get(s.name, {}).get("fingerprint") != s.fingerprint)
+        report["stale_left_in_place"] = stale  # retired once a run completes
     lake.write_marker(j.partition, REPORT, json.dumps(report, indent=2, sort_keys=True).encode())
-    lake.write_marker(j.partition, SUCCESS)
+    if complete:
+        lake.write_marker(j.partition, SUCCESS)

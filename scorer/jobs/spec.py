@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
@@ -52,7 +53,8 @@ from scorer.jobs.expr import FilterError, TextSpec, compile_filter, parse_text
 __all__ = ["SpecError", "Job", "JobsFile", "LoadedJob", "load", "check", "validate_cli", "SCORE_COLUMNS"]
 
 # Columns the Scorer adds; id / passthrough columns must not reuse these names.
-SCORE_COLUMNS = ("label", "label_id", "score", "probs", "labels", "logits", "embedding", "n_tokens", "truncated", "error")
+SCORE_COLUMNS = ("label", "label_id", "score", "scores", "probs", "labels", "logits", "embedding", "n_tokens", "truncated",
+                 "error")
 
 
 class SpecError(Exception):
@@ -558,6 +560,15 @@ def check_input(j: LoadedJob) -> None:
             raise SpecError(f"text column {j.text.source!r} is {t}, not a string", where=j.where["text"],
                             field=f"jobs.{j.name}.text",
                             fix=f"name a string column, or write text: \"{{{j.text.source}}}\" to format it as text")
+    else:  # a template casts each of its columns to text (TextSpec.build): one that cannot be cast fails here
+        for col in j.text.columns:
+            t = schema.field(col).type
+            try:
+                pc.cast(pa.array([], type=t), pa.string())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+                raise SpecError(f"text template column {col!r} is {t}, which does not convert to text "
+                                f"({str(e).splitlines()[0]})", where=j.where["text"], field=f"jobs.{j.name}.text",
+                                fix="use columns of scalar types (strings, numbers, dates) in the template") from None
     if j.job.filter:
         expr, cols = compile_filter(j.job.filter)
         for col in cols:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -56,6 +57,18 @@ def test_iter_batches_bounded_in_order_with_partition_columns(tmp_path):
         list(lake.iter_batches(s, loc, ["nope"], 8))
 
 
+def test_a_file_column_named_like_a_hive_key_keeps_the_files_values(tmp_path):
+    """lang=en/ holding a file with its own `lang` column: the file's values are read (as read_schema's
+    type is the file's), never replaced by the folder's."""
+    t = shard_table(0, 6)  # lang alternates
+    (tmp_path / "lang=en").mkdir()
+    pq.write_table(t, tmp_path / "lang=en" / "a.parquet")
+    loc = lake.resolve(str(tmp_path))
+    [s] = lake.list_shards(loc)
+    got = pa.concat_tables(lake.iter_batches(s, loc, ["id", "lang"], 4))
+    assert got["lang"].to_pylist() == t["lang"].to_pylist() and len(set(t["lang"].to_pylist())) > 1
+
+
 def test_staged_commit_is_atomic_and_stale_files_are_cleaned(tmp_path):
     part = lake.resolve(str(tmp_path / "out" / "dt=1"))
     dest = part.child("a.parquet")
@@ -64,6 +77,7 @@ def test_staged_commit_is_atomic_and_stale_files_are_cleaned(tmp_path):
     st.write(t.slice(0, 5))
     assert not os.path.exists(dest.path)  # nothing visible before commit
     assert lake.list_shards(part) == []  # the staging file is hidden from dataset readers
+    assert not list(Path(tmp_path).glob("**/*.parquet"))  # and from readers that glob "**/*.parquet" (polars)
     st.write(t.slice(5))
     size = st.commit()
     assert pq.read_table(dest.path).equals(t) and size == os.path.getsize(dest.path)

@@ -78,3 +78,15 @@ def test_input_model_and_output_file_changes(setup):
     cfg["id2label"] = {k: f"renamed_{v}" for k, v in cfg["id2label"].items()}  # the model's labels changed
     (model / "config.json").write_text(json.dumps(cfg))
     assert not any(s.done for s in plan().shards)
+
+
+def test_weights_rewritten_in_place_change_the_fingerprint(setup):
+    """A model retrained in place keeps its shapes and so its files' sizes: the weights' mtime counts."""
+    import os
+
+    _, model, _, plan = setup
+    assert all(s.done for s in plan().shards)
+    w = model / "model.safetensors"
+    st = w.stat()
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes count, written later
+    assert not any(s.done for s in plan().shards)

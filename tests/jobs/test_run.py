@@ -197,7 +197,11 @@ def test_corrupt_and_wrong_type_shards_fail_alone(ray_cluster, tiny_model, tmp_p
     assert run_cli(f, date=DATE, progress_interval=0.5) == 3
     part = tmp_path / "out" / f"dt={DATE}"
     assert sorted(_by_input(part)) == ["part-001.parquet", "part-002.parquet"]
-    assert not (part / "_SUCCESS").exists() and not (part / "_report.json").exists()
+    assert not (part / "_SUCCESS").exists()
+    report = json.loads((part / "_report.json").read_text())  # the failures are named there too
+    assert report["complete"] is False and report["partition"]["shards"] == 2
+    bad = [str(tmp_path / "in" / f"part-00{i}.parquet") for i in (0, 3, 4)]
+    assert sorted(report["this_run"]["failed"]) == bad and report["not_committed"] == bad
     out, err = capsys.readouterr()
     assert "FAILED a: " + str(tmp_path / "in" / "part-000.parquet") in out
     assert "FAILED a: " + str(tmp_path / "in" / "part-003.parquet") in out and "not a string" in out
@@ -207,6 +211,33 @@ def test_corrupt_and_wrong_type_shards_fail_alone(ray_cluster, tiny_model, tmp_p
     write_shards(tmp_path / "in", [12, 9, 11, 8, 7])
     assert run_cli(f, date=DATE) == 0
     assert len(_by_input(part)) == 5 and (part / "_SUCCESS").exists()
+
+
+def test_outputs_of_shards_gone_from_the_input_are_retired(ray_cluster, tiny_model, tmp_path, capsys):
+    """Upstream compacts two shards into one: the rerun scores the new shard and removes the two outputs
+    whose input is gone, so the partition holds each row once; a failed run leaves them and says so."""
+    t = write_shards(tmp_path / "in", [12, 9])
+    f = write_jobs(tmp_path / "jobs.yaml", {"a": job(tiny_model, "in", "out", runtime={"workers": 1})})
+    assert run_cli(f, date=DATE) == 0
+    part = tmp_path / "out" / f"dt={DATE}"
+    old = sorted(_files(part))
+    for p in (tmp_path / "in").glob("*.parquet"):
+        p.unlink()
+    pq.write_table(pa.concat_tables(t), tmp_path / "in" / "compacted.parquet")
+    (tmp_path / "in" / "junk.parquet").write_bytes(b"PAR1 not parquet")  # fails: the old outputs must stay
+    assert run_cli(f, date=DATE) == 3
+    assert set(old) < set(_files(part)) and not (part / "_SUCCESS").exists()
+    assert json.loads((part / "_report.json").read_text())["stale_left_in_place"] == old
+    (tmp_path / "in" / "junk.parquet").unlink()
+    capsys.readouterr()
+    assert run_cli(f, date=DATE) == 0
+    assert sorted(_by_input(part)) == ["compacted.parquet"] and sorted(_manifest(part)) == [
+        n + ".json" for n in _files(part)]
+    ids = pa.concat_tables(_files(part).values())["id"].to_pylist()
+    assert sorted(ids) == sorted(pa.concat_tables(t)["id"].to_pylist())  # each row once
+    report = json.loads((part / "_report.json").read_text())
+    assert report["complete"] is True and report["retired"] == old and (part / "_SUCCESS").exists()
+    assert f"a: removed 2 output(s) whose input shard is gone: {old[0]}" in capsys.readouterr().out
 
 
 def test_shard_that_keeps_failing_is_retried_then_reported(ray_cluster, tiny_model, tmp_path):
@@ -225,7 +256,8 @@ def test_shard_that_keeps_failing_is_retried_then_reported(ray_cluster, tiny_mod
     assert stats.done == 1 and stats.retries == 2, stats
     assert list(stats.failed) == [str(gone)] and "FileNotFoundError" in stats.failed[str(gone)]
     part = tmp_path / "out" / f"dt={DATE}"
-    assert len(_manifest(part)) == 1 and not (part / "_SUCCESS").exists() and not (part / "_report.json").exists()
+    assert len(_manifest(part)) == 1 and not (part / "_SUCCESS").exists()
+    assert json.loads((part / "_report.json").read_text())["complete"] is False
 
 
 def _worker_pids(prefix: bytes = b"ray::ShardWorker") -> set[int]:
@@ -369,3 +401,8 @@ def test_dry_run_prints_the_plan(ray_cluster, tiny_model, tmp_path):
     assert not (tmp_path / "out").exists()
     r = CliRunner().invoke(app, ["run", str(f), "--dry-run", "--date", DATE, "--set", "text=nope"])
     assert r.exit_code == 2 and "text column 'nope'" in r.output
+    (tmp_path / "in" / "part-001.parquet").write_bytes(b"PAR1 not parquet")  # validation reads the first footer
+    r = CliRunner().invoke(app, ["run", str(f), "--dry-run", "--date", DATE])
+    assert r.exit_code == 0, r.output  # the plan names the shard a run would fail, and goes on
+    row = next(ln for ln in r.output.splitlines() if "unreadable:" in ln)
+    assert "in/part-001.p" in row and "Parquet magic bytes" in row and "10 rows to score" in r.output and "10 rows to score" in r.output

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from helpers import job, write_jobs, write_shards
+from helpers import job, shard_table, write_jobs, write_shards
 from scorer.cli import app
 from scorer.jobs.expr import FilterError, compile_filter, parse_text
 from scorer.jobs.spec import SpecError, load, load_and_check
@@ -114,6 +114,7 @@ def test_schema_errors_name_line_field_and_fix(lake, tiny_model, edit, line, fie
         ({"text": "n"}, "jobs.a.text", "is int64, not a string"),
         ({"passthrough": ["lang", "nope"]}, "jobs.a.passthrough", "column 'nope' is not in the input"),
         ({"id": "label"}, "jobs.a.id", "clash with a score column"),
+        ({"passthrough": ["scores"]}, "jobs.a.passthrough", "clash with a score column"),
         ({"filter": "lang = 'en'"}, "jobs.a.filter", "is not an expression"),
         ({"filter": "missing > 3"}, "jobs.a.filter", "filter column 'missing'"),
         ({"filter": "n == 'x'"}, "jobs.a.filter", "does not apply to the input's types"),
@@ -139,6 +140,17 @@ def _line_of(f: Path, field: str) -> int:
     """1-based line of the last key of a dotted field in a jobs.yaml written by write_jobs."""
     key = field.rsplit(".", 1)[-1] + ":"
     return 1 + next(i for i, ln in enumerate(f.read_text().splitlines()) if ln.strip().startswith(key))
+
+
+def test_template_over_a_column_that_is_not_text(tmp_path, tiny_model):
+    """A template casts each column to text: a list column fails validation, naming the column."""
+    t = shard_table(0, 4)
+    pq.write_table(t.append_column("tags", pa.array([["a", "b"]] * 4)), tmp_path / "t.parquet")
+    f = write_jobs(tmp_path / "jobs.yaml", {"a": {**job(tiny_model, "t.parquet", "out"), "text": "{title} {tags}"}})
+    code, out = validate(str(f))
+    msg = one_error(out)
+    assert code == 2 and "jobs.a.text: text template column 'tags' is list<" in msg, msg
+    assert "fix: use columns of scalar types" in msg, msg
 
 
 def test_model_that_does_not_load(lake, tiny_model):
