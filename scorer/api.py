@@ -101,7 +101,10 @@ class ScoreStats:
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU; use device='cpu' or 'auto'.")
     if dev.type not in ("cpu", "cuda"):
@@ -109,6 +112,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+MAX_LENGTH_DEFAULT_CAP = 8192  # max_length's default: the model's max_position_embeddings, at most this
 GRID_MULTIPLE = 16  # grid width: the longest row rounded up to this (fewer shapes for cuDNN to plan)
 GRID_MAX_SLOTS = 1.2  # cuDNN attention only while the grid holds at most 1.2x the batch's real tokens
 
@@ -195,8 +199,10 @@ class Scorer:
             )
         if dimensions is not None and not 1 <= dimensions <= cfg.hidden_size:
             raise ValueError(f"dimensions must be in 1..{cfg.hidden_size} (hidden_size), not {dimensions}")
+        if int(max_batch_tokens) < 1 or int(max_rows) < 1:
+            raise ValueError(f"max_batch_tokens and max_rows must be >= 1, got {max_batch_tokens} and {max_rows}")
         if max_length is None:
-            max_length = min(cfg.max_position_embeddings, 8192)
+            max_length = min(cfg.max_position_embeddings, MAX_LENGTH_DEFAULT_CAP)
         settings = Settings(
             task=task, dtype=DTYPE_NAMES[dt], max_length=int(max_length), truncation_side=truncation_side,
             pooling=pooling, normalize=bool(normalize), dimensions=dimensions, threshold=float(threshold),
@@ -239,6 +245,7 @@ class Scorer:
 
     # -- tokenizing (CPU, thread-safe) ------------------------------------------------------------
     def encode(self, texts: Sequence[str | None]) -> Encoded:
+        texts = _as_list(texts)
         n = len(texts)
         ids: list[list[int] | None] = [None] * n
         n_tokens = np.zeros(n, dtype=np.int32)
@@ -483,13 +490,26 @@ class Scorer:
         return self._fingerprint
 
     def _pad_id(self) -> int:
-        if self.cfg.pad_token_id is not None:
+        """The id padded slots carry (they are masked out: any id in the vocabulary works). The config's
+        pad_token_id where it is one; configs that say -1 or an id past the vocabulary get another. The
+        classifier-token rule keeps the config's value (heads.classifier_token_index)."""
+        if self.cfg.pad_token_id is not None and 0 <= self.cfg.pad_token_id < self.cfg.vocab_size:
             return self.cfg.pad_token_id
         for tok in ("<pad>", "<|finetune_right_pad_id|>", "[PAD]"):
             tid = self.tokenizer.token_to_id(tok) if self.tokenizer is not None else None
             if tid is not None:
                 return tid
         return 0  # any id works for padding columns: they are masked out
+
+
+def _as_list(texts: Any) -> list:
+    """The texts as a list, by position: a pandas Series is read by its values, never its index labels;
+    a pyarrow array as Python strings. A bare string is refused (it would be scored a character a row)."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"texts must be a sequence of strings, not one {type(texts).__name__}: pass [text]")
+    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+        return texts.to_pylist()
+    return list(texts)
 
 
 def _has_triton() -> bool:

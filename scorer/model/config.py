@@ -106,6 +106,9 @@ class LlamaConfig:
             d = json.loads(file.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"{file}: not readable JSON ({e}).") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{file}: the top level must be a JSON object of the model's fields, not "
+                              f"{type(d).__name__}; use the config.json transformers writes.")
         return cls.from_dict(d, path)
 
     @classmethod

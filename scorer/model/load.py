@@ -10,7 +10,7 @@ The name table (checkpoint -> ScoringModel):
     X                        -> model.X     (bare *Model embedders, saved without a prefix)
     score.weight             -> score.weight
     *rotary_emb.inv_freq     -> dropped     (old checkpoints saved the RoPE table; scorer recomputes it)
-    lm_head.weight           -> dropped     (a causal-LM head, tied or not, is unused for scoring)
+    lm_head.*                -> dropped     (a causal-LM head, tied, untied or quantized, is unused for scoring)
 GPTQ tensors (`qweight`, `qzeros`, `scales`, `g_idx`) keep their names: Int4Linear registers the same.
 
 After assignment: floating tensors are cast to the run dtype, except a quantized layer's `scales`, and
@@ -30,7 +30,7 @@ from scorer.model.config import ConfigError, LlamaConfig
 from scorer.model.heads import ScoringModel
 
 DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)
-DROPPED_NAMES = ("lm_head.weight",)
+DROPPED_PREFIXES = ("lm_head.",)  # the LM head, unused: its weight, or a quantized one's qweight, scales, ...
 
 
 class WeightsError(ValueError):
@@ -69,7 +69,7 @@ def checkpoint_name_map(cfg: LlamaConfig, names: list[str]) -> tuple[dict[str, s
     table: dict[str, str] = {}
     dropped: list[str] = []
     for name in names:
-        if name in DROPPED_NAMES or name.endswith(DROPPED_SUFFIXES):
+        if name.startswith(DROPPED_PREFIXES) or name.endswith(DROPPED_SUFFIXES):
             dropped.append(name)
         elif name == "score.weight":
             table[name] = name

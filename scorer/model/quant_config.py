@@ -62,6 +62,9 @@ class QuantConfig:
         def where(key: str) -> str:
             return f"{source}: quantization field '{key}'"
 
+        if not isinstance(d, dict):
+            raise QuantConfigError(f"{source}: the quantization config must be a JSON object (bits, group_size, "
+                                   f"desc_act, ...), not {type(d).__name__} {d!r:.80}.")
         method = str(d.get("quant_method", d.get("method", "gptq"))).lower()
         if method != "gptq":
             raise QuantConfigError(
@@ -107,5 +110,10 @@ class QuantConfig:
             return cls.from_dict(qc, str(path / "config.json"))
         side = path / "quantize_config.json"
         if side.exists():
-            return cls.from_dict(json.loads(side.read_text()), str(side))
+            try:
+                d = json.loads(side.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise QuantConfigError(f"{side}: not readable JSON ({e}); fix the file or remove it for an "
+                                       "unquantized model.") from e
+            return cls.from_dict(d, str(side))
         return None

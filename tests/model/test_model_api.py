@@ -183,3 +183,49 @@ def test_inputs_embeds_and_host_gather_match_the_lookup(make_dir):
             s.model(b.input_ids, b.attention_mask, b.position_ids, lm.host_embeddings(b.input_ids)[:, 1:])
     with pytest.raises(ValueError, match="embeddings must be"):
         Scorer.from_pretrained(make_dir(), device="cpu", embeddings="gpu")
+
+
+class _Labelled:
+    """What a pandas Series is to scorer: iterates its values in order, but [i] looks up index label i."""
+
+    def __init__(self, values: list, labels: list) -> None:
+        self.values, self.pos = values, {lb: i for i, lb in enumerate(labels)}
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __getitem__(self, label):
+        return self.values[self.pos[label]]
+
+
+def test_texts_are_read_by_position_whatever_the_sequence(clf):
+    texts = TEXTS[:4] + [None]
+    want = clf.score(list(texts))
+    got = clf.score(_Labelled(texts, [4, 3, 2, 1, 0]))  # a sorted Series: labels in reverse
+    assert got["n_tokens"].to_pylist() == want["n_tokens"].to_pylist()
+    assert got["probs"].to_pylist() == want["probs"].to_pylist() and got["error"].to_pylist() == want["error"].to_pylist()
+    assert clf.score(pa.array(texts))["probs"].to_pylist() == want["probs"].to_pylist()  # a pyarrow array: strings
+    assert clf.score(pa.chunked_array([texts[:2], texts[2:]]))["n_tokens"].to_pylist() == want["n_tokens"].to_pylist()
+    with pytest.raises(TypeError, match=r"not one str: pass \[text\]"):
+        clf.score("Debian")  # one row a character otherwise
+
+
+def test_pad_token_id_outside_the_vocabulary(make_dir):
+    """Configs that say pad_token_id -1 (or past the vocabulary) score on the padded path as transformers
+    does: padded slots carry another id, and no real token is a pad for the classifier-token rule."""
+    texts, path = TEXTS[:5], make_dir(pad_token_id=-1)
+    padded = Scorer.from_pretrained(path, device="cpu", attention="padded", return_logits=True)
+    packed = Scorer.from_pretrained(path, device="cpu", attention="packed", return_logits=True)  # no padding at all
+    np.testing.assert_allclose(np.array(padded.score(texts)["logits"].to_pylist()),
+                               np.array(packed.score(texts)["logits"].to_pylist()), atol=1e-5, rtol=0)
+
+
+def test_batch_limits_and_devices_are_checked_at_load(make_dir):
+    for kw in (dict(max_batch_tokens=0), dict(max_rows=0)):
+        with pytest.raises(ValueError, match="max_batch_tokens and max_rows must be >= 1"):
+            Scorer.from_pretrained(make_dir(), device="cpu", **kw)
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N, not 'tpu'"):
+        Scorer.from_pretrained(make_dir(), device="tpu")

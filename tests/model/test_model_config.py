@@ -93,6 +93,20 @@ def test_missing_or_broken_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="JSON"):
         LlamaConfig.from_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="config.json: the top level must be a JSON object"):
+        LlamaConfig.from_hf_dir(tmp_path)
+
+
+def test_broken_quantization_configs_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match="config.json: the quantization config must be a JSON object"):
+        load(tmp_path, quantization_config="gptq")
+    load(tmp_path)  # an unquantized config.json; the side file below makes it a GPTQ model
+    for text, words in (("{bits: 4", "quantize_config.json: not readable JSON"),
+                        ("[4]", "quantize_config.json: the quantization config must be a JSON object")):
+        (tmp_path / "quantize_config.json").write_text(text)
+        with pytest.raises(ValueError, match=words):
+            LlamaConfig.from_hf_dir(tmp_path)
 
 
 def test_gptq_config_is_read(tmp_path):

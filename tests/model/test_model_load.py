@@ -74,6 +74,23 @@ def test_embedder_names_have_no_prefix(make_dir, tmp_path):
         load_model(path, torch.float32, "cpu")
 
 
+def test_a_quantized_lm_head_is_dropped_with_the_rest_of_the_head(make_dir, tmp_path):
+    """GPTQModel with lm_head=True writes the causal head as qweight, qzeros, scales, g_idx: unused for
+    scoring, like a plain lm_head.weight, so an embedder loads over such a checkpoint."""
+    path = _copy(make_dir(task="causal"), tmp_path)
+    sd = load_file(path / "model.safetensors")
+    sd.pop("lm_head.weight", None)
+    sd.update({"lm_head.qweight": torch.zeros(8, 384, dtype=torch.int32),
+               "lm_head.qzeros": torch.zeros(1, 48, dtype=torch.int32),
+               "lm_head.scales": torch.ones(1, 384, dtype=torch.float16),
+               "lm_head.g_idx": torch.zeros(64, dtype=torch.int32)})
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    model, _ = load_model(path, torch.float32, "cpu")
+    ref, _ = load_model(make_dir(task="causal"), torch.float32, "cpu")
+    for (n, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
 def test_shape_mismatch_and_pickles_refused(make_dir, tmp_path):
     path = _copy(make_dir(), tmp_path)
     c = json.loads((path / "config.json").read_text())
