@@ -96,10 +96,13 @@ def quantize_model(
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir, out_dir = Path(model_dir), Path(out_dir).resolve()
+    try:  # before the weights: a tokenizer that does not load fails in a second, not after the whole model
+        tok = load_tokenizer(model_dir, max_length)
+    except ValueError as e:  # ConfigError is one
+        raise QuantizeError(str(e)) from e
     model, cfg = _load_source(model_dir, load_model)
     _check_shapes(cfg)
-    tok = load_tokenizer(model_dir, max_length)
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
 
     inv_freq = rope_inv_freq(cfg).to(dev)
@@ -229,8 +232,8 @@ def _load_source(model_dir: Path, load_model):
         raise QuantizeError(str(e)) from e
     if cfg.quant is not None:
         raise QuantizeError(
-            f"{model_dir / 'config.json'}: field 'quantization_config' says it is already {cfg.quant.bits}-bit "
-            "GPTQ; quantize its fp16/bf16 source instead."
+            f"{cfg.quant.source}: says the model is already {cfg.quant.bits}-bit GPTQ; quantize its fp16/bf16 "
+            "source instead."
         )
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.torch_dtype, torch.float32)
     try:
@@ -452,6 +455,8 @@ def _sample_texts(loc, what: str, columns: list[str], build, filter_expr, n: int
                 if filter_expr is not None:
                     table = table.filter(filter_expr)
                 pool.extend(t for t in build(table).to_pylist() if isinstance(t, str) and t.strip())
+                if len(pool) >= 4 * n:  # enough to sample from: a large shard is not read to its end
+                    break
         except KeyError as e:
             raise QuantizeError(f"{what}: {e.args[0]}; {fix}.") from e
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
@@ -497,7 +502,7 @@ def quantize_cli(
 
     err = Console(stderr=True)
     try:
-        model_dir, out_dir = Path(model_dir), Path(out_dir)
+        model_dir, out_dir = Path(model_dir), Path(out_dir).resolve()  # "." stages beside it, not inside
         spec = _validate(model_dir, out_dir, bits=bits, group_size=group_size, act_order=act_order, sym=sym,
                          static_groups=static_groups, calib=calib, calib_job=calib_job, samples=samples,
                          max_length=max_length, method=method, damp=damp, device=device,
@@ -538,8 +543,8 @@ def _validate(model_dir: Path, out_dir: Path, *, bits, group_size, act_order, sy
         raise QuantizeError(f"--group-size {group_size}: use 32, 64, 128 or -1.")
     if method not in ("gptq", "rtn"):
         raise QuantizeError(f"--method {method!r}: use gptq or rtn.")
-    if not 0.0 <= damp < 1.0:
-        raise QuantizeError(f"--damp {damp}: use a fraction in [0, 1), e.g. 0.01.")
+    if not 0.0 < damp < 1.0:  # GPTQ configs must hold 0 < damp_percent < 1 (transformers' GPTQConfig checks)
+        raise QuantizeError(f"--damp {damp}: use a fraction in (0, 1), e.g. 0.01.")
     if samples < 1:
         raise QuantizeError(f"--samples {samples}: use at least 1 (128 is typical).")
     if max_length < 2:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,7 @@ def test_cli_writes_checkpoint_and_report(tmp_path, model_dir, calib_dir):
     (("--calib", "{calib}", "--group-size", "100"), "--group-size 100"),
     (("--calib", "{calib}", "--method", "awq"), "--method 'awq'"),
     (("--calib", "{calib}", "--damp", "1.5"), "--damp 1.5"),
+    (("--calib", "{calib}", "--damp", "0"), "--damp 0.0: use a fraction in (0, 1)"),  # GPTQConfig refuses 0
     (("--calib-job", "nothere.yaml"), "jobs.yaml:NAME"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, model_dir, calib_dir, args, needle):
@@ -255,6 +257,27 @@ def test_cli_refuses_nonempty_out_dir_and_quantized_source(tmp_path, model_dir, 
     d, _, _ = quantized["g32-asym"]
     res = cli(d, tmp_path / "again", "--calib", calib_dir)
     assert res.exit_code == 2 and "already 4-bit GPTQ" in res.output, res.output
+    side = shutil.copytree(d, tmp_path / "side")  # the GPTQ fields only in quantize_config.json: that file is named
+    conf = json.loads((side / "config.json").read_text())
+    conf.pop("quantization_config")
+    (side / "config.json").write_text(json.dumps(conf))
+    res = cli(side, tmp_path / "again2", "--calib", calib_dir)
+    assert res.exit_code == 2 and f"{side / 'quantize_config.json'}: says the model is already 4-bit" in res.output
+
+
+def test_cli_without_tokenizer_and_into_the_current_directory(tmp_path, model_dir, calib_dir, monkeypatch):
+    notok = shutil.copytree(model_dir, tmp_path / "notok")
+    (notok / "tokenizer.json").unlink()
+    res = cli(notok, tmp_path / "out", "--calib", calib_dir, "--samples", "8", "--max-length", "16")
+    assert res.exit_code == 2 and "tokenizer.json" in res.output and res.output.strip().count("\n") == 0, res.output
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)  # OUT_DIR "." (empty): the checkpoint lands in it
+    res = cli(model_dir, Path("."), "--calib", calib_dir, "--samples", "8", "--max-length", "16", "--device", "cpu",
+              "--method", "rtn")
+    assert res.exit_code == 0, res.output
+    assert (here / "model.safetensors").is_file() and (here / "quantize_config.json").is_file()
+    assert not [p for p in here.iterdir() if p.name.startswith(".")]  # no stage left inside
 
 
 def test_calibration_sampling_is_seeded_and_skips_empty(calib_dir, texts):
@@ -264,6 +287,28 @@ def test_calibration_sampling_is_seeded_and_skips_empty(calib_dir, texts):
     assert a == b and a != c and len(a) == len(c) == 50
     assert set(a) <= set(texts) and all(t.strip() for t in a)
     assert len(qmod.read_calibration(str(calib_dir / "part-0.parquet"), "text", 10_000, seed=0)) == 200
+
+
+def test_calibration_reads_a_large_shard_no_further_than_it_needs(tmp_path, monkeypatch):
+    """The pool stops at 4 x n texts inside a shard: a multi-GB file is not read to its end for 100 texts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from scorer.jobs import lake
+
+    pq.write_table(pa.table({"text": [f"text {i}" for i in range(100_000)]}), tmp_path / "big.parquet",
+                   row_group_size=8192)
+    seen = []
+    real = lake.iter_batches
+
+    def counting(*a, **kw):
+        for t in real(*a, **kw):
+            seen.append(t.num_rows)
+            yield t
+
+    monkeypatch.setattr(lake, "iter_batches", counting)
+    got = qmod.read_calibration(str(tmp_path / "big.parquet"), "text", 10, seed=0)
+    assert len(got) == 10 and sum(seen) == 8192  # one batch, not 100,000 rows
 
 
 def test_calib_job_takes_input_template_and_filter(tmp_path, model_dir, calib_dir):
