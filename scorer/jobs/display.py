@@ -158,8 +158,8 @@ def print_plan(plans: list[Any], estimates: dict[str, dict[str, Any]], console: 
             f"~{_num(gpu, ',.1f' if gpu is None or gpu >= 1 else '.2g')} GPU-seconds ({est['basis']})"
         )
         if p.stale_entries:
-            console.print(f"  note: {len(p.stale_entries)} committed output(s) have no input shard any more; a run "
-                          f"that completes removes them: {', '.join(p.stale_entries[:5])}")
+            console.print(f"  note: {len(p.stale_entries)} committed output(s) have no shard in this listing (a run "
+                          f"that completes removes those whose input file is gone): {', '.join(p.stale_entries[:5])}")
 
 
 def print_summary(stats: list[JobStats], console: Console | None = None) -> None:

@@ -9,7 +9,8 @@ What a reader of the output may see is decided here:
   an S3 upload whenever its stream is closed, even from a failing `with` block, so the stream is only
   opened once the complete file exists, and the object's size is checked after the upload;
 - `<partition>/_manifest/<name>.json` is written after the file it describes: the manifest is the only
-  truth of what is done; `_SUCCESS` and `_report.json` appear when every shard of the partition is;
+  truth of what is done; `_SUCCESS` appears when every shard of the partition is (`_report.json` at the
+  end of every run, saying whether it is complete);
 - names beginning with `_` or `.` are ignored by Parquet dataset readers (pyarrow, polars, Spark), so
   manifests, markers and temporary files never show up as data.
 """
@@ -35,7 +36,7 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "StorageOptions", "Location", "Shard", "resolve", "list_shards", "read_schema", "iter_batches",
-    "StagedParquet", "read_manifest", "write_manifest_entry", "write_marker", "remove", "clean_stale",
+    "StagedParquet", "read_manifest", "write_manifest_entry", "write_marker", "remove", "clean_stale", "shard_gone",
     "list_files", "overlaps", "fetch_model_dir", "MANIFEST_DIR", "TMP_DIR",
 ]
 
@@ -215,6 +216,29 @@ def list_shards(loc: Location) -> list[Shard]:
             continue
         shards.append(Shard(f"{root.uri}/{rel}", info.path, rel, info.size, info.mtime_ns, _hive(rel)))
     return sorted(shards, key=lambda s: s.rel)
+
+
+def shard_gone(loc: Location, uri: str) -> bool:
+    """Whether `uri` names a shard of `loc` (a file list_shards(loc) would list: under its folder, through
+    its glob, not hidden) that no longer exists. False for anything outside `loc`: another day's folder,
+    another input, a name the listing would skip."""
+    root = root_of(loc)
+    if root is loc and uri == loc.uri:
+        path = loc.path  # the input is this one file
+    else:
+        prefix = f"{root.uri}/"
+        if not uri.startswith(prefix):
+            return False
+        rel = uri[len(prefix):]
+        if _hidden(rel):
+            return False
+        if root is loc:
+            if not rel.endswith(PARQUET_SUFFIXES):
+                return False
+        elif not _glob_regex(loc.path[len(root.path):].lstrip("/")).match(rel):
+            return False
+        path = f"{root.path}/{rel}"
+    return loc.fs.get_file_info(path).type == pafs.FileType.NotFound
 
 
 def _with_partition(schema: pa.Schema, shard: Shard) -> pa.Schema:

@@ -11,10 +11,10 @@ Ray Core, not Ray Data: one input shard = one actor call = one committed output 
    and its shards go back to the queue; a shard that raises is retried up to `runtime.max_attempts`
    times, except bad input (not Parquet, a missing column), which fails at once. A RayActorError can
    come for a call that did finish: the redo writes the same file under the same name, so it is harmless;
-6. when every shard of the job is in the manifest: outputs whose input shard is gone (renamed, deleted,
-   compacted upstream) are removed with their manifest entries, so the partition holds each input row
-   once; then `_report.json`, then `_SUCCESS`. Otherwise `_report.json` alone, `"complete": false`, with
-   the failed shards and the outputs left in place.
+6. when every shard of the job is in the manifest: outputs this job wrote for input files that are gone
+   from its input (deleted, renamed, compacted upstream) are removed with their manifest entries, so the
+   partition holds each input row once; then `_report.json`, then `_SUCCESS`. Otherwise `_report.json`
+   alone, `"complete": false`, with the failed shards.
 
 Exit codes: 0 all shards done, 3 some shards failed (named in the summary and the report), 2 invalid job,
 1 no cluster.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 import uuid
@@ -43,7 +42,6 @@ from scorer.jobs.worker import ShardInputError, ShardResult, ShardTask, ShardWor
 __all__ = ["run_cli", "run_jobs"]
 
 SUCCESS, REPORT = "_SUCCESS", "_report.json"
-OUTPUT_NAME = re.compile(r"-[0-9a-f]{10}\.parquet$")  # lake.Shard.output_name: stem, hash of the input path
 
 
 def run_cli(jobs_file: Path, *, jobs: list[str] = (), sets: list[str] = (), date: str | None = None,
@@ -271,20 +269,26 @@ def _reason(e: BaseException) -> str:
 
 def _finish(plan: JobPlan, stats: JobStats, run_id: str) -> None:
     """Complete (every shard of the job in the manifest with its fingerprint, none failed): retire the
-    outputs of shards no longer in the input, then `_report.json`, then `_SUCCESS`. Incomplete:
-    `_report.json` alone, saying so, with what failed and what was left in place."""
+    outputs of this job's shards whose input file is gone, then `_report.json`, then `_SUCCESS`.
+    Incomplete: `_report.json` alone, saying so, with what failed."""
     j = plan.job
     manifest = lake.read_manifest(j.partition)
     complete = not stats.failed and all(manifest.get(s.name, {}).get("fingerprint") == s.fingerprint
                                         for s in plan.shards)
     current = {s.name for s in plan.shards}
-    stale = sorted({n for n in manifest if n not in current}
-                   | {n for n in lake.list_files(j.partition) if n not in current and OUTPUT_NAME.search(n)})
+    # An output is retired only when all three hold: this job wrote it (another job, or a --job run of
+    # one job, may share the partition), its input lies inside this job's input (not another day's
+    # folder feeding the same partition), and that input file is gone now (a short listing deletes
+    # nothing). Anything else not in this run's listing stays, as it did before.
+    gone = sorted(n for n, e in manifest.items() if n not in current and e.get("job") == j.name
+                  and lake.shard_gone(j.input, str(e.get("input", ""))))
     if complete:
-        for name in stale:  # the file first: a kill between the two leaves an entry the next run retires
+        if gone:  # readers must not see _SUCCESS over a partition that is changing
+            lake.remove(j.partition.child(SUCCESS))
+        for name in gone:  # the file first: a kill between the two leaves an entry the next run retires
             lake.remove(j.partition.child(name))
             lake.remove(j.partition.child(lake.MANIFEST_DIR, name + ".json"))
-        stats.retired = stale
+        stats.retired = gone
         entries = [manifest[s.name] for s in plan.shards]
     else:
         entries = [manifest[s.name] for s in plan.shards if manifest.get(s.name, {}).get("fingerprint") == s.fingerprint]
@@ -302,11 +306,11 @@ def _finish(plan: JobPlan, stats: JobStats, run_id: str) -> None:
         "files": [{"name": e["name"], "input": e["input"], "rows": e.get("rows"), "fingerprint": e["fingerprint"]} for e in entries],
     }
     if complete:
-        report["retired"] = stale  # outputs of shards no longer in the input, removed by this run
+        report["retired"] = gone  # outputs whose input shard is gone, removed by this run
     else:
         report["not_committed"] = sorted(s.shard.uri for s in plan.shards
                                          if manifest.get(s.name, {}).get("fingerprint") != s.fingerprint)
-        report["stale_left_in_place"] = stale  # retired once a run completes
+        report["gone_left_in_place"] = gone  # retired once a run completes
     lake.write_marker(j.partition, REPORT, json.dumps(report, indent=2, sort_keys=True).encode())
     if complete:
         lake.write_marker(j.partition, SUCCESS)

@@ -598,6 +598,17 @@ def check_outputs(loaded: list[LoadedJob]) -> None:
 def load_and_check(jobs_file: str | Path, *, jobs: list[str] = (), sets: list[str] = (), date: str | None = None) -> list[LoadedJob]:
     loaded = load(jobs_file, jobs=jobs, sets=sets, date=date)
     check(loaded)
+    if jobs:  # a job picked by name still may not share its output with one left out
+        try:
+            others = [j for j in load(jobs_file, sets=sets, date=date) if j.name not in jobs]
+        except SpecError:
+            others = []  # a job left out that does not even load writes nothing
+        for a in loaded:
+            for b in others:
+                if lake.overlaps(a.partition, b.partition):
+                    raise SpecError(f"jobs {a.name!r} and {b.name!r} both write {a.partition.uri}",
+                                    where=a.where["output"], field=f"jobs.{a.name}.output",
+                                    fix="give each job its own output folder or partition")
     return loaded
 
 

@@ -227,7 +227,7 @@ def test_outputs_of_shards_gone_from_the_input_are_retired(ray_cluster, tiny_mod
     (tmp_path / "in" / "junk.parquet").write_bytes(b"PAR1 not parquet")  # fails: the old outputs must stay
     assert run_cli(f, date=DATE) == 3
     assert set(old) < set(_files(part)) and not (part / "_SUCCESS").exists()
-    assert json.loads((part / "_report.json").read_text())["stale_left_in_place"] == old
+    assert json.loads((part / "_report.json").read_text())["gone_left_in_place"] == old
     (tmp_path / "in" / "junk.parquet").unlink()
     capsys.readouterr()
     assert run_cli(f, date=DATE) == 0

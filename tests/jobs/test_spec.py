@@ -175,6 +175,8 @@ def test_two_jobs_one_output(lake, tiny_model):
     f = write_jobs(lake / "jobs.yaml", {"a": job(tiny_model, "in", "out"), "b": job(tiny_model, "in", "out")})
     code, out = validate(str(f))
     assert code == 2 and "both write" in one_error(out)
+    code, out = validate(str(f), "--job", "a")  # the job left out still writes there on its own nights
+    assert code == 2 and "jobs 'a' and 'b' both write" in one_error(out)
 
 
 def test_env_interpolation_defaults_and_set(lake, tiny_model, monkeypatch):

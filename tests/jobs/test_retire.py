@@ -1,0 +1,101 @@
+"""Retiring outputs whose input shard is gone (runner._finish), without Ray: commits are made the way a
+worker makes them (the file, then its manifest entry naming the job and the input). Only this job's
+outputs of input files that are gone from its own input are removed; everything else stays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from helpers import job, write_jobs
+from scorer.jobs import lake
+from scorer.jobs.display import JobStats
+from scorer.jobs.plan import plan_job
+from scorer.jobs.runner import _finish
+from scorer.jobs.spec import load_and_check
+
+
+def _shard(p: Path, n: int = 3) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": [f"{p.stem}-{i}" for i in range(n)], "text": ["x"] * n, "lang": ["en"] * n}), p)
+
+
+def _run(f: Path, date: str = "2026-11-23", jobs: tuple[str, ...] = (), drop: str = "") -> dict[str, list[str]]:
+    """Plan, commit what is to do, finish; `drop`: leave shards whose path ends so out of the listing."""
+    retired = {}
+    for j in load_and_check(f, jobs=list(jobs), date=date):
+        if drop:
+            j.shards = [s for s in j.shards if not s.uri.endswith(drop)]
+        plan = plan_job(j)
+        for s in plan.todo:
+            lake.put_bytes(j.partition.child(s.name), b"PAR1 fake")
+            lake.write_manifest_entry(j.partition, s.name, {"name": s.name, "input": s.shard.uri, "job": j.name,
+                                                            "fingerprint": s.fingerprint, "bytes": 9, "rows": 3})
+        stats = JobStats(j.name, total=len(plan.shards))
+        _finish(plan, stats, "run")
+        retired[j.name] = stats.retired
+    return retired
+
+
+def _names(part: Path) -> list[str]:
+    return sorted(p.name for p in part.iterdir() if p.suffix == ".parquet")
+
+
+def test_compacted_input_retires_the_old_outputs(tmp_path, tiny_model):
+    _shard(tmp_path / "in" / "a.parquet")
+    _shard(tmp_path / "in" / "b.parquet")
+    f = write_jobs(tmp_path / "jobs.yaml", {"j": job(tiny_model, "in", "out")})
+    _run(f)
+    part = tmp_path / "out" / "dt=2026-11-23"
+    old = _names(part)
+    for p in (tmp_path / "in").iterdir():
+        p.unlink()
+    _shard(tmp_path / "in" / "compacted.parquet", 6)
+    assert _run(f) == {"j": old}
+    assert len(_names(part)) == 1 and sorted(lake.read_manifest(lake.resolve(str(part)))) == _names(part)
+    assert json.loads((part / "_report.json").read_text())["retired"] == old and (part / "_SUCCESS").exists()
+
+
+def test_another_jobs_outputs_in_the_same_partition_stay(tmp_path, tiny_model):
+    """Two jobs files whose jobs write one partition (validation sees one file at a time): b's outputs are
+    not a's to retire, even once b's input is gone."""
+    _shard(tmp_path / "in_a" / "a.parquet")
+    _shard(tmp_path / "in_b" / "b.parquet")
+    fa = write_jobs(tmp_path / "a.yaml", {"a": job(tiny_model, "in_a", "out")})
+    fb = write_jobs(tmp_path / "b.yaml", {"b": job(tiny_model, "in_b", "out")})
+    _run(fb)
+    (tmp_path / "in_b" / "b.parquet").unlink()
+    assert _run(fa) == {"a": []}
+    assert len(_names(tmp_path / "out" / "dt=2026-11-23")) == 2
+
+
+def test_other_days_feeding_one_partition_stay(tmp_path, tiny_model):
+    """input ev/dt={date}/ into one fixed partition, a table that grows a day at a time: day 1's outputs
+    are outside day 2's input, even after day 1's files were compacted upstream."""
+    _shard(tmp_path / "ev" / "dt=1" / "x1.parquet")
+    _shard(tmp_path / "ev" / "dt=2" / "x2.parquet")
+    f = write_jobs(tmp_path / "jobs.yaml", {"ev": {**job(tiny_model, "ev/dt={date}/", "scored"),
+                                                   "passthrough": [], "output": {"uri": "scored", "partition": "all"}}})
+    _run(f, date="1")
+    (tmp_path / "ev" / "dt=1" / "x1.parquet").rename(tmp_path / "ev" / "dt=1" / "compacted.parquet")
+    assert _run(f, date="2") == {"ev": []}
+    assert len(_names(tmp_path / "scored" / "all")) == 2
+
+
+def test_a_short_listing_or_a_users_file_deletes_nothing(tmp_path, tiny_model):
+    """A listing that misses a file that is still there (a flaky store, a narrowed glob) retires nothing,
+    and files the job did not write are never touched, whatever their names."""
+    _shard(tmp_path / "in" / "a.parquet")
+    _shard(tmp_path / "in" / "b.parquet")
+    f = write_jobs(tmp_path / "jobs.yaml", {"j": job(tiny_model, "in/*.parquet", "out")})
+    _run(f)
+    part = tmp_path / "out" / "dt=2026-11-23"
+    (part / "daily-summary-1718000000.parquet").write_bytes(b"a user's file")
+    before = _names(part)
+    assert _run(f, drop="/b.parquet") == {"j": []}  # b is missing from the listing, not from the store
+    f2 = write_jobs(tmp_path / "jobs.yaml", {"j": job(tiny_model, "in/a.parquet", "out")})  # a narrower input
+    assert _run(f2) == {"j": []}
+    assert _names(part) == before
