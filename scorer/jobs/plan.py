@@ -3,7 +3,9 @@
 A shard is done when the manifest of the output partition holds an entry for its output name with the
 same fingerprint, and the output file is there with the size the entry recorded. The fingerprint is
 sha256 over the input (URI, size, mtime: what the store tells about its content without reading it), the
-model's identity (config, tokenizer and side files by content, weight files by name and size) and every
+model's identity (config, tokenizer and side files by content; weight files by name, size and content:
+their sha256 on a local disk, read once per version of a file and cached under $SCORER_CACHE; on an
+object store their LastModified, so an upload counts as a new model) and every
 job setting that changes scores or the output file (`Job.score_settings`). Batching limits and worker
 counts are left out: they change speed, not scores.
 """
@@ -12,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from scorer.jobs import lake
@@ -53,9 +57,9 @@ class JobPlan:
 
 
 def model_key(loc: lake.Location) -> str:
-    """The model's identity without reading its weights: small files by content, weights by name, size and
-    modification time (a model retrained in place keeps its shapes, so its files keep their sizes; a copy
-    that does not keep mtimes counts as a new model, and its shards are scored again)."""
+    """The model's identity: small files by content, weights by name, size and `weights_digest` (a model
+    retrained in place keeps its shapes, so its files keep their sizes; a copy or a fresh download of the
+    same bytes keeps its key)."""
     files = lake.model_files(loc)
     h = hashlib.sha256()
     for name in sorted(files):
@@ -63,8 +67,43 @@ def model_key(loc: lake.Location) -> str:
         if name in SMALL_MODEL_FILES:
             h.update(f"{name}\0".encode() + lake.get_bytes(loc.child(name)) + b"\0")
         elif name.endswith(lake.WEIGHT_SUFFIXES):
-            h.update(f"{name}:{size}:{mtime_ns}\0".encode())
+            h.update(f"{name}:{size}:{weights_digest(loc, name, size, mtime_ns)}\0".encode())
     return h.hexdigest()
+
+
+_DIGESTS_KEPT = 512  # entries of the digest cache (a model version has a few weight files)
+
+
+def weights_digest(loc: lake.Location, name: str, size: int, mtime_ns: int | None) -> str:
+    """What stands for a weight file's bytes. Local: their sha256, cached by (real path, size, mtime), so a
+    file is read once per version (~10 s for 16 GB) and a plan after that costs a stat. Object store:
+    "mtime:<LastModified>", without reading 16 GB through the driver."""
+    if not loc.is_local:
+        return f"mtime:{mtime_ns}"
+    path = os.path.realpath(loc.child(name).path)
+    key = f"{path}\0{size}\0{mtime_ns}"
+    cache = Path(os.environ.get("SCORER_CACHE", Path.home() / ".cache" / "scorer")) / "weight_digests.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if key in known:
+        return known[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    known[key] = digest = h.hexdigest()
+    try:  # best effort: a cache that cannot be written costs a re-read next time, nothing else
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(dict(list(known.items())[-_DIGESTS_KEPT:])))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return digest
 
 
 def shard_fingerprint(shard: lake.Shard, mkey: str, settings: dict[str, Any]) -> str:

@@ -80,13 +80,30 @@ def test_input_model_and_output_file_changes(setup):
     assert not any(s.done for s in plan().shards)
 
 
-def test_weights_rewritten_in_place_change_the_fingerprint(setup):
-    """A model retrained in place keeps its shapes and so its files' sizes: the weights' mtime counts."""
+def test_weights_by_content_not_by_mtime(setup, tmp_path, monkeypatch):
+    """A model retrained in place keeps its files' sizes: their bytes count. A fresh copy or download of
+    the same bytes (a new mtime) keeps the shards done, and the digest is read once per file version."""
     import os
 
+    from scorer.jobs import plan as plan_mod
+
+    monkeypatch.setenv("SCORER_CACHE", str(tmp_path / "cache"))
     _, model, _, plan = setup
-    assert all(s.done for s in plan().shards)
     w = model / "model.safetensors"
     st = w.stat()
-    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes count, written later
-    assert not any(s.done for s in plan().shards)
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the same bytes, written later
+    assert all(s.done for s in plan().shards)
+    reads = []
+    real = open
+
+    def counting_open(path, *a, **kw):
+        reads.append(path)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(plan_mod, "open", counting_open, raising=False)
+    plan()
+    assert reads == []  # cached: a stat, not a read
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF  # retrained in place: same size, other bytes
+    w.write_bytes(bytes(data))
+    assert not any(s.done for s in plan().shards) and reads
