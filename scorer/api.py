@@ -497,7 +497,7 @@ class Scorer:
             return self.cfg.pad_token_id
         for tok in ("<pad>", "<|finetune_right_pad_id|>", "[PAD]"):
             tid = self.tokenizer.token_to_id(tok) if self.tokenizer is not None else None
-            if tid is not None:
+            if tid is not None and 0 <= tid < self.cfg.vocab_size:  # an added token may lie past the table
                 return tid
         return 0  # any id works for padding columns: they are masked out
 

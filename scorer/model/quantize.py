@@ -103,7 +103,7 @@ def quantize_model(
         raise QuantizeError(str(e)) from e
     model, cfg = _load_source(model_dir, load_model)
     _check_shapes(cfg)
-    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None and 0 <= cfg.pad_token_id < cfg.vocab_size else 0
 
     inv_freq = rope_inv_freq(cfg).to(dev)
     embed = model.model.embed_tokens
@@ -435,7 +435,8 @@ def read_calibration(uri: str, text_column: str, n: int, seed: int, endpoint_url
 
 
 def _sample_texts(loc, what: str, columns: list[str], build, filter_expr, n: int, seed: int, fix: str) -> list[str]:
-    """Shuffle the shards (seeded), read them until there are 4n candidate texts, draw n of them."""
+    """Shuffle the shards (seeded), read them whole until a reservoir of 4n candidate texts is full (it
+    holds a uniform sample of the rows read, and no more than 4n texts), draw n of them."""
     import numpy as np
 
     from scorer.jobs import lake
@@ -447,6 +448,10 @@ def _sample_texts(loc, what: str, columns: list[str], build, filter_expr, n: int
     if not shards:
         raise QuantizeError(f"{what}: no Parquet files there; give a Parquet file, a folder of them or a glob.")
     rng = np.random.default_rng(seed)
+    # a reservoir of 4n texts (Algorithm R) over whole shards, read in random order until one has filled
+    # it: uniform over the rows read, so a shard sorted by any column is not sampled from its head, and
+    # memory stays 4n texts however large the shard
+    cap, seen = 4 * n, 0
     pool: list[str] = []
     for k in rng.permutation(len(shards)):
         shard = shards[int(k)]
@@ -454,14 +459,21 @@ def _sample_texts(loc, what: str, columns: list[str], build, filter_expr, n: int
             for table in lake.iter_batches(shard, loc, columns, batch_rows=8192):
                 if filter_expr is not None:
                     table = table.filter(filter_expr)
-                pool.extend(t for t in build(table).to_pylist() if isinstance(t, str) and t.strip())
-                if len(pool) >= 4 * n:  # enough to sample from: a large shard is not read to its end
-                    break
+                for t in build(table).to_pylist():
+                    if not (isinstance(t, str) and t.strip()):
+                        continue
+                    seen += 1
+                    if len(pool) < cap:
+                        pool.append(t)
+                    else:
+                        j = int(rng.integers(seen))
+                        if j < cap:
+                            pool[j] = t
         except KeyError as e:
             raise QuantizeError(f"{what}: {e.args[0]}; {fix}.") from e
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise QuantizeError(f"{what}: cannot read {shard.uri} as Parquet ({e}).") from e
-        if len(pool) >= 4 * n:
+        if len(pool) >= cap:
             break
     if not pool:
         raise QuantizeError(f"{what}: no non-empty text in the rows read; {fix}.")

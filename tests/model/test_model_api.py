@@ -221,6 +221,9 @@ def test_pad_token_id_outside_the_vocabulary(make_dir):
     packed = Scorer.from_pretrained(path, device="cpu", attention="packed", return_logits=True)  # no padding at all
     np.testing.assert_allclose(np.array(padded.score(texts)["logits"].to_pylist()),
                                np.array(packed.score(texts)["logits"].to_pylist()), atol=1e-5, rtol=0)
+    sc = Scorer.from_pretrained(make_dir(pad_token_id=None), device="cpu", attention="padded")
+    sc.tokenizer.token_to_id = lambda tok: sc.cfg.vocab_size if tok == "<pad>" else None  # added past the table
+    assert sc._pad_id() == 0
 
 
 def test_batch_limits_and_devices_are_checked_at_load(make_dir):
