@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py and friends
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# model caches and weight digests of this run stay out of the user's ~/.cache/scorer
+os.environ.setdefault("SCORER_CACHE", tempfile.mkdtemp(prefix="scorer-test-cache-"))
 
 
 def _cuda() -> bool:

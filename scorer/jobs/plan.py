@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,49 +63,73 @@ def model_key(loc: lake.Location) -> str:
     retrained in place keeps its shapes, so its files keep their sizes; a copy or a fresh download of the
     same bytes keeps its key)."""
     files = lake.model_files(loc)
+    weights = sorted(n for n in files if n.endswith(lake.WEIGHT_SUFFIXES) and n not in SMALL_MODEL_FILES)
+    cache = _digest_cache()
+    known = _read_digests(cache)
+    before = dict(known)
+    with ThreadPoolExecutor(max(1, min(8, len(weights)))) as pool:  # hashlib releases the GIL: files in parallel
+        digests = dict(zip(weights, pool.map(lambda n: weights_digest(loc, n, *files[n], known), weights)))
+    if cache is not None and known != before:
+        _write_digests(cache, known)
     h = hashlib.sha256()
     for name in sorted(files):
-        size, mtime_ns = files[name]
+        size, _ = files[name]
         if name in SMALL_MODEL_FILES:
             h.update(f"{name}\0".encode() + lake.get_bytes(loc.child(name)) + b"\0")
-        elif name.endswith(lake.WEIGHT_SUFFIXES):
-            h.update(f"{name}:{size}:{weights_digest(loc, name, size, mtime_ns)}\0".encode())
+        elif name in digests:
+            h.update(f"{name}:{size}:{digests[name]}\0".encode())
     return h.hexdigest()
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _DIGESTS_KEPT = 512  # entries of the digest cache (a model version has a few weight files)
 
 
-def weights_digest(loc: lake.Location, name: str, size: int, mtime_ns: int | None) -> str:
-    """What stands for a weight file's bytes. Local: their sha256, cached by (real path, size, mtime), so a
-    file is read once per version (~10 s for 16 GB) and a plan after that costs a stat. Object store:
-    "mtime:<LastModified>", without reading 16 GB through the driver."""
+def weights_digest(loc: lake.Location, name: str, size: int, mtime_ns: int | None, known: dict[str, str]) -> str:
+    """What stands for a weight file's bytes. Local: their sha256, looked up in `known` by (real path,
+    size, mtime) and added there when read, so a file is read once per version (~10 s for 16 GB); a
+    Hugging Face cache snapshot's file links to blobs/<its sha256>, read from the name. Object store:
+    "mtime:<LastModified>", without reading the weights through the driver."""
     if not loc.is_local:
         return f"mtime:{mtime_ns}"
     path = os.path.realpath(loc.child(name).path)
+    blob = os.path.basename(path)
+    if os.path.basename(os.path.dirname(path)) == "blobs" and _SHA256.fullmatch(blob):
+        return blob
     key = f"{path}\0{size}\0{mtime_ns}"
-    cache = Path(os.environ.get("SCORER_CACHE", Path.home() / ".cache" / "scorer")) / "weight_digests.json"
+    if key not in known:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(16 << 20):
+                h.update(chunk)
+        known[key] = h.hexdigest()
+    return known[key]
+
+
+def _digest_cache() -> Path | None:
     try:
-        known = json.loads(cache.read_text())
+        return Path(os.environ.get("SCORER_CACHE") or Path.home() / ".cache" / "scorer") / "weight_digests.json"
+    except RuntimeError:  # no home directory: digests are computed every time
+        return None
+
+
+def _read_digests(cache: Path | None) -> dict[str, str]:
+    try:
+        known = json.loads(cache.read_text()) if cache is not None else {}
     except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict):
-        known = {}
-    if key in known:
-        return known[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    known[key] = digest = h.hexdigest()
-    try:  # best effort: a cache that cannot be written costs a re-read next time, nothing else
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _write_digests(cache: Path, known: dict[str, str]) -> None:
+    """Best effort: a cache that cannot be written costs a re-read next time, nothing else."""
+    try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         tmp.write_text(json.dumps(dict(list(known.items())[-_DIGESTS_KEPT:])))
         os.replace(tmp, cache)
     except OSError:
         pass
-    return digest
 
 
 def shard_fingerprint(shard: lake.Shard, mkey: str, settings: dict[str, Any]) -> str:

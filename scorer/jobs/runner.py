@@ -276,12 +276,14 @@ def _finish(plan: JobPlan, stats: JobStats, run_id: str) -> None:
     complete = not stats.failed and all(manifest.get(s.name, {}).get("fingerprint") == s.fingerprint
                                         for s in plan.shards)
     current = {s.name for s in plan.shards}
-    # An output is retired only when all three hold: this job wrote it (another job, or a --job run of
-    # one job, may share the partition), its input lies inside this job's input (not another day's
-    # folder feeding the same partition), and that input file is gone now (a short listing deletes
-    # nothing). Anything else not in this run's listing stays, as it did before.
+    inputs = {s.shard.uri for s in plan.shards}
+    # An output not in this run's plan is retired only when this job wrote it (two jobs files may share
+    # a partition) and either its input is a shard of this run under another name (the input's root
+    # moved: the file is scored again under its new name) or its input lies inside this job's input and
+    # is gone now (deleted, renamed, compacted). A short listing, another input's outputs, a user's file:
+    # nothing else is touched.
     gone = sorted(n for n, e in manifest.items() if n not in current and e.get("job") == j.name
-                  and lake.shard_gone(j.input, str(e.get("input", ""))))
+                  and (str(e.get("input", "")) in inputs or lake.shard_gone(j.input, str(e.get("input", "")))))
     if complete:
         if gone:  # readers must not see _SUCCESS over a partition that is changing
             lake.remove(j.partition.child(SUCCESS))

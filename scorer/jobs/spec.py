@@ -461,6 +461,11 @@ def _resolve(name: str, job: Job, base: Path, date: str, lines: _Lines) -> Loade
             raise SpecError(f"column {col!r} is also a key of the output partition {partition!r}; hive readers would "
                             "replace its values", where=w(fld), field=f"jobs.{name}.{fld}",
                             fix=f"leave {col!r} out, or name the partition differently (e.g. run_{col}=...)")
+    if "{date}" in job.input and "{date}" not in job.output.uri + job.output.partition:
+        raise SpecError("the input changes with {date} and the output does not: each day's outputs would land "
+                        "beside the last day's, and a file named like one of them (part-0.parquet every day) "
+                        "would replace it", where=w("output"), field=f"jobs.{name}.output",
+                        fix='put {date} in the partition, e.g. "dt={date}" (the default)')
     out_root = lake.resolve(fmt(job.output.uri), storage, base=base)
     return LoadedJob(
         name=name, job=job, base=base, text=text,
@@ -600,9 +605,17 @@ def load_and_check(jobs_file: str | Path, *, jobs: list[str] = (), sets: list[st
     check(loaded)
     if jobs:  # a job picked by name still may not share its output with one left out
         try:
-            others = [j for j in load(jobs_file, sets=sets, date=date) if j.name not in jobs]
-        except SpecError:
-            others = []  # a job left out that does not even load writes nothing
+            names = list((yaml.safe_load(Path(jobs_file).read_text()) or {}).get("jobs") or {})
+        except (OSError, yaml.YAMLError, AttributeError):
+            names = []
+        others = []
+        for name in names:
+            if name in jobs:
+                continue
+            try:
+                others += load(jobs_file, jobs=[name], sets=sets, date=date)
+            except SpecError:
+                pass  # a job left out that does not load writes nothing; the others are still checked
         for a in loaded:
             for b in others:
                 if lake.overlaps(a.partition, b.partition):

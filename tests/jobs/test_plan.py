@@ -107,3 +107,36 @@ def test_weights_by_content_not_by_mtime(setup, tmp_path, monkeypatch):
     data[-1] ^= 0xFF  # retrained in place: same size, other bytes
     w.write_bytes(bytes(data))
     assert not any(s.done for s in plan().shards) and reads
+
+
+def test_weight_digests_from_hf_blob_names_and_without_a_home(tmp_path, monkeypatch):
+    """A Hugging Face snapshot links each file to blobs/<sha256>: the name is the digest, nothing is read.
+    With no home directory and no SCORER_CACHE, digests are computed and nothing is cached."""
+    import hashlib
+    from pathlib import Path
+
+    from scorer.jobs import plan as plan_mod
+
+    data = b"weights" * 1000
+    blob = tmp_path / "hub" / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(data)
+    snap = tmp_path / "hub" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(blob)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "model.safetensors").write_bytes(data)
+
+    def no_read(*a, **kw):
+        raise AssertionError("read a blob whose name is its digest")
+
+    loc = lake.resolve(str(snap))
+    monkeypatch.setattr(plan_mod, "open", no_read, raising=False)
+    assert plan_mod.weights_digest(loc, "model.safetensors", len(data), 0, {}) == blob.name
+    monkeypatch.undo()
+    monkeypatch.delenv("SCORER_CACHE", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    plain = lake.resolve(str(tmp_path / "plain"))
+    known: dict = {}
+    assert plan_mod.weights_digest(plain, "model.safetensors", len(data), 0, known) == blob.name and known
+    assert plan_mod._digest_cache() is None and plan_mod.model_key(plain)

@@ -72,17 +72,42 @@ def test_another_jobs_outputs_in_the_same_partition_stay(tmp_path, tiny_model):
     assert len(_names(tmp_path / "out" / "dt=2026-11-23")) == 2
 
 
-def test_other_days_feeding_one_partition_stay(tmp_path, tiny_model):
-    """input ev/dt={date}/ into one fixed partition, a table that grows a day at a time: day 1's outputs
-    are outside day 2's input, even after day 1's files were compacted upstream."""
-    _shard(tmp_path / "ev" / "dt=1" / "x1.parquet")
-    _shard(tmp_path / "ev" / "dt=2" / "x2.parquet")
+def test_another_job_inside_this_jobs_input_keeps_its_outputs(tmp_path, tiny_model):
+    """The job-name check alone: job b (another jobs file) reads one file inside job a's input folder into
+    the same partition; once that file is gone, a retires its own output of it, not b's."""
+    _shard(tmp_path / "in" / "k.parquet")
+    _shard(tmp_path / "in" / "sub" / "x.parquet")
+    _run(write_jobs(tmp_path / "a.yaml", {"a": job(tiny_model, "in", "out")}))
+    _run(write_jobs(tmp_path / "b.yaml", {"b": job(tiny_model, "in/sub/x.parquet", "out")}))
+    part = tmp_path / "out" / "dt=2026-11-23"
+    assert len(_names(part)) == 3  # a: k and sub/x; b: x
+    (tmp_path / "in" / "sub" / "x.parquet").unlink()
+    assert len(_run(write_jobs(tmp_path / "a.yaml", {"a": job(tiny_model, "in", "out")}))["a"]) == 1
+    entries = lake.read_manifest(lake.resolve(str(part)))
+    assert sorted(e["job"] for e in entries.values()) == ["a", "b"] and len(_names(part)) == 2
+
+
+def test_a_moved_input_root_leaves_no_second_copy(tmp_path, tiny_model):
+    """input: in becomes input: in/sub: the same file gets a new output name (names hash the path below
+    the input's root); the output under the old name is retired, so its rows are there once."""
+    _shard(tmp_path / "in" / "sub" / "c.parquet")
+    _run(write_jobs(tmp_path / "jobs.yaml", {"j": job(tiny_model, "in", "out")}))
+    part = tmp_path / "out" / "dt=2026-11-23"
+    old = _names(part)
+    assert _run(write_jobs(tmp_path / "jobs.yaml", {"j": job(tiny_model, "in/sub", "out")})) == {"j": old}
+    assert len(_names(part)) == 1 and _names(part) != old
+
+
+def test_a_dated_input_into_a_fixed_output_is_refused(tmp_path, tiny_model):
+    """Day after day into one partition, part-0.parquet of day 2 would replace day 1's output."""
+    import pytest
+
+    from scorer.jobs.spec import SpecError
+
     f = write_jobs(tmp_path / "jobs.yaml", {"ev": {**job(tiny_model, "ev/dt={date}/", "scored"),
-                                                   "passthrough": [], "output": {"uri": "scored", "partition": "all"}}})
-    _run(f, date="1")
-    (tmp_path / "ev" / "dt=1" / "x1.parquet").rename(tmp_path / "ev" / "dt=1" / "compacted.parquet")
-    assert _run(f, date="2") == {"ev": []}
-    assert len(_names(tmp_path / "scored" / "all")) == 2
+                                                   "output": {"uri": "scored", "partition": "all"}}})
+    with pytest.raises(SpecError, match=r"jobs.ev.output: the input changes with \{date\} and the output does not"):
+        load_and_check(f, date="1")
 
 
 def test_a_short_listing_or_a_users_file_deletes_nothing(tmp_path, tiny_model):

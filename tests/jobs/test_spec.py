@@ -177,6 +177,10 @@ def test_two_jobs_one_output(lake, tiny_model):
     assert code == 2 and "both write" in one_error(out)
     code, out = validate(str(f), "--job", "a")  # the job left out still writes there on its own nights
     assert code == 2 and "jobs 'a' and 'b' both write" in one_error(out)
+    f = write_jobs(lake / "jobs.yaml", {"a": job(tiny_model, "in", "out"), "b": job(tiny_model, "in", "out"),
+                                        "c": {**job(tiny_model, "in", "out2"), "filter": "lang =="}})
+    code, out = validate(str(f), "--job", "a")  # a broken job left out does not switch the check off
+    assert code == 2 and "jobs 'a' and 'b' both write" in one_error(out)
 
 
 def test_env_interpolation_defaults_and_set(lake, tiny_model, monkeypatch):
