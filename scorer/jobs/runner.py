@@ -268,9 +268,9 @@ def _reason(e: BaseException) -> str:
 
 
 def _finish(plan: JobPlan, stats: JobStats, run_id: str) -> None:
-    """Complete (every shard of the job in the manifest with its fingerprint, none failed): retire the
-    outputs of this job's shards whose input file is gone, then `_report.json`, then `_SUCCESS`.
-    Incomplete: `_report.json` alone, saying so, with what failed."""
+    """Complete (every shard of the job in the manifest with its fingerprint, none failed): retire this
+    job's outputs of input files that are gone (or now under another output name), then `_report.json`,
+    then `_SUCCESS`. Incomplete: `_report.json` alone, saying so, with what failed."""
     j = plan.job
     manifest = lake.read_manifest(j.partition)
     complete = not stats.failed and all(manifest.get(s.name, {}).get("fingerprint") == s.fingerprint
