@@ -32,6 +32,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from scorer import __version__
 from scorer.jobs import lake
 from scorer.jobs.display import JobStats, Progress, print_plan, print_summary
@@ -253,6 +255,17 @@ def _committed(j: LoadedJob, task: ShardTask) -> ShardResult | None:
     return ShardResult(name=task.name, input=task.shard.uri, **fields)
 
 
+def _output_metadata(loc: lake.Location) -> dict[str, str]:
+    """The scorer.* key-value metadata of an output file's footer ({} for a file that is not one)."""
+    try:
+        with loc.fs.open_input_file(loc.path) as f:
+            kv = pq.read_metadata(f).metadata or {}
+    except Exception:  # noqa: BLE001 - not Parquet, unreadable: not an output of this job
+        return {}
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in kv.items()
+            if k.startswith(b"scorer.")}
+
+
 def _reason(e: BaseException) -> str:
     """The last line of a Ray error that says what went wrong (not the traceback)."""
     cause = getattr(e, "cause", None)
@@ -282,8 +295,17 @@ def _finish(plan: JobPlan, stats: JobStats, run_id: str) -> None:
     # moved: the file is scored again under its new name) or its input lies inside this job's input and
     # is gone now (deleted, renamed, compacted). A short listing, another input's outputs, a user's file:
     # nothing else is touched.
-    gone = sorted(n for n, e in manifest.items() if n not in current and e.get("job") == j.name
-                  and (str(e.get("input", "")) in inputs or lake.shard_gone(j.input, str(e.get("input", "")))))
+    def retire(job: Any, uri: str) -> bool:
+        return job == j.name and (uri in inputs or lake.shard_gone(j.input, uri))
+
+    gone = sorted(n for n, e in manifest.items() if n not in current and retire(e.get("job"), str(e.get("input", ""))))
+    if complete:  # a file with no entry (a kill between its commit and its entry): its own metadata says whose
+        for n in lake.list_files(j.partition):
+            if n.endswith(".parquet") and n not in current and n not in manifest:
+                meta = _output_metadata(j.partition.child(n))
+                if retire(meta.get("scorer.job"), meta.get("scorer.input", "")):
+                    gone.append(n)
+        gone.sort()
     if complete:
         if gone:  # readers must not see _SUCCESS over a partition that is changing
             lake.remove(j.partition.child(SUCCESS))

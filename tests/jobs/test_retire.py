@@ -124,3 +124,24 @@ def test_a_short_listing_or_a_users_file_deletes_nothing(tmp_path, tiny_model):
     f2 = write_jobs(tmp_path / "jobs.yaml", {"j": job(tiny_model, "in/a.parquet", "out")})  # a narrower input
     assert _run(f2) == {"j": []}
     assert _names(part) == before
+
+
+def test_an_output_without_its_manifest_entry_is_known_by_its_metadata(tmp_path, tiny_model):
+    """A kill between an output's commit and its manifest entry leaves a file no entry names: its footer
+    (scorer.job, scorer.input) says whose it is, so it is retired once its input is gone; a Parquet file
+    of someone else's in the partition stays."""
+    _shard(tmp_path / "in" / "a.parquet")
+    _shard(tmp_path / "in" / "b.parquet")
+    f = write_jobs(tmp_path / "jobs.yaml", {"j": job(tiny_model, "in", "out")})
+    _run(f)
+    part = tmp_path / "out" / "dt=2026-11-23"
+    [j] = load_and_check(f, date="2026-11-23")
+    b = next(s for s in plan_job(j).shards if s.shard.uri.endswith("/b.parquet"))
+    (part / "_manifest" / f"{b.name}.json").unlink()  # as if killed before the entry was written
+    meta = {b"scorer.job": b"j", b"scorer.input": b.shard.uri.encode()}
+    pq.write_table(pa.table({"id": ["x"]}).replace_schema_metadata(meta), part / b.name)
+    pq.write_table(pa.table({"id": ["y"]}).replace_schema_metadata({b"scorer.job": b"other", b"scorer.input":
+                   b.shard.uri.encode()}), part / "theirs-0123456789.parquet")
+    (tmp_path / "in" / "b.parquet").unlink()
+    assert _run(f) == {"j": [b.name]}
+    assert b.name not in _names(part) and "theirs-0123456789.parquet" in _names(part)
