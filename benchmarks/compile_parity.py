@@ -28,9 +28,7 @@ def probs(shape: str, spec: str, ids: list[list[int]], budget: int) -> np.ndarra
     sc = bench.random_scorer(shape, v, budget)
     if v.compile:
         sc.warmup()
-    n = len(ids)
-    enc = Encoded(list(ids), np.array([len(x) for x in ids], dtype=np.int32), np.zeros(n, dtype=bool), [None] * n)
-    out = np.array(sc.score_encoded(enc)["probs"].to_pylist())
+    out = np.array(sc.score_encoded(Encoded.from_ids(ids))["probs"].to_pylist())
     del sc
     bench._free()
     return out

@@ -93,9 +93,7 @@ def main() -> int:
         graphs = counters["stats"]["unique_graphs"]
         res = {}
         for c in cases:
-            ids = inputs[c]
-            n = len(ids)
-            enc = Encoded(list(ids), np.full(n, c[1], dtype=np.int32), np.zeros(n, dtype=bool), [None] * n)
+            enc = Encoded.from_ids(inputs[c])
             res[c] = (wall_ms(lambda enc=enc: sc.score_encoded(enc)), gpu_ms(lambda enc=enc: sc.score_encoded(enc)))
         cols[v.name] = res
         retraced[v.name] = counters["stats"]["unique_graphs"] - graphs

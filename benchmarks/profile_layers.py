@@ -54,7 +54,7 @@ def profile(spec: str, layers: int, tokens: int, plan_batch: int | None = None) 
         lengths = synthetic_lengths(2048)
         keep = lengths[plan_packed(lengths, tokens, 1024)[plan_batch]]
     ids = synthetic_ids(keep, SHAPES["8b"]["vocab_size"])
-    enc = Encoded(ids, keep.astype(np.int32), np.zeros(len(ids), dtype=bool), [None] * len(ids))
+    enc = Encoded.from_ids(ids)
     for _ in range(2):
         sc.score_encoded(enc)
     torch.cuda.synchronize()

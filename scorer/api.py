@@ -60,6 +60,13 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @classmethod
+    def from_ids(cls, ids: Sequence[Sequence[int]]) -> "Encoded":
+        """Rows already tokenized (warm-up, benchmarks, tests): none truncated, none in error."""
+        ids = [list(x) for x in ids]
+        n = len(ids)
+        return cls(ids, np.array([len(x) for x in ids], dtype=np.int32), np.zeros(n, dtype=bool), [None] * n)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -236,11 +243,8 @@ class Scorer:
         # The grid rows' lengths are not multiples of 16, so a row's length and its grid's width differ: a
         # trace that saw them equal may take them for one size (duck sizing) and retrace on every other row
         for row_lengths in ((32, 32), (48, 48, 48), (40, 17), (60, 20, 20), (45,), (61,), (17,), (33,), (1,)):
-            ids = [rng.integers(4, self.cfg.vocab_size, min(n, self.settings.max_length)).tolist()
-                   for n in row_lengths]
-            n_rows = len(ids)
-            lengths = np.array([len(x) for x in ids], dtype=np.int32)
-            self.score_encoded(Encoded(ids, lengths, np.zeros(n_rows, dtype=bool), [None] * n_rows))
+            self.score_encoded(Encoded.from_ids(
+                [rng.integers(4, self.cfg.vocab_size, min(n, self.settings.max_length)).tolist() for n in row_lengths]))
         self.last_stats = ScoreStats()
 
     # -- tokenizing (CPU, thread-safe) ------------------------------------------------------------

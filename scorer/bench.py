@@ -306,9 +306,7 @@ def bench_scorer(shape: str, ids: list[list[int]], v: Variant, max_batch_tokens:
     sc = random_scorer(shape, v, max_batch_tokens)
     weight = weight_gib(sc.model)
     n = len(ids)
-    lengths = np.array([len(x) for x in ids], dtype=np.int32)
-    enc = Encoded(list(ids), lengths, np.zeros(n, dtype=bool), [None] * n)
-    warm = Encoded(list(ids[:64]), lengths[:64], np.zeros(64, dtype=bool), [None] * 64)
+    enc, warm = Encoded.from_ids(ids), Encoded.from_ids(ids[:64])
     sc.warmup()  # as a job's worker does before its first shard
     sc.score_encoded(warm)
     sc.score_encoded(warm)  # a second warm-up: compiled layers may recompile once for dynamic shapes

@@ -267,8 +267,7 @@ def test_compiled_4bit_model_is_one_graph_a_layer_and_equals_eager(tmp_path):
     with torch.compiler.set_stance("fail_on_recompile"):
         for lens in [(1,), (9,), (64,), (3, 70), (20, 21, 22, 5), tuple(g.integers(1, 40, 7))]:
             ids = [g.integers(4, sc.cfg.vocab_size, n).tolist() for n in lens]
-            n = len(ids)
-            enc = Encoded(ids, np.array([len(x) for x in ids], dtype=np.int32), np.zeros(n, dtype=bool), [None] * n)
+            enc = Encoded.from_ids(ids)
             got, want = sc.score_encoded(enc), eager.score_encoded(enc)
             np.testing.assert_allclose(np.array(got["probs"].to_pylist()), np.array(want["probs"].to_pylist()),
                                        atol=2e-2, rtol=0)

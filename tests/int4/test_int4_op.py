@@ -83,8 +83,7 @@ def test_compiled_4bit_layers_are_one_graph(tmp_path, tiles, kernel):
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     with torch.compiler.set_stance("fail_on_recompile"):
         for ids in _batches(sc.cfg.vocab_size):
-            n = len(ids)
-            enc = Encoded(ids, np.array([len(x) for x in ids], dtype=np.int32), np.zeros(n, dtype=bool), [None] * n)
+            enc = Encoded.from_ids(ids)
             got, want = sc.score_encoded(enc), eager.score_encoded(enc)
             np.testing.assert_allclose(np.array(got["probs"].to_pylist()), np.array(want["probs"].to_pylist()),
                                        atol=1e-6, rtol=0)

@@ -34,8 +34,7 @@ def test_warmup_leaves_nothing_to_compile(make_dir, kernel, task, pooling):
     col = "probs" if task == "classify" else "embedding"
     with torch.compiler.set_stance("fail_on_recompile"):
         for ids in _batches(np.random.default_rng(1), sc.cfg.vocab_size):
-            n = len(ids)
-            enc = Encoded(ids, np.array([len(x) for x in ids], dtype=np.int32), np.zeros(n, dtype=bool), [None] * n)
+            enc = Encoded.from_ids(ids)
             got = sc.score_encoded(enc)
             want = eager.score_encoded(enc)
             np.testing.assert_allclose(np.array(got[col].to_pylist()), np.array(want[col].to_pylist()),
@@ -62,14 +61,10 @@ def test_compile_errors_are_raised_not_taken_for_cudnn_refusals(make_dir):
                                 compile=False, max_batch_tokens=160)
     llama.compile_layers(sc.model, backend=backend)
     rng = np.random.default_rng(2)
-    sc.score_encoded(_encoded([rng.integers(4, sc.cfg.vocab_size, n).tolist() for n in (32, 32)]))  # a full grid
+    # a full grid
+    sc.score_encoded(Encoded.from_ids([rng.integers(4, sc.cfg.vocab_size, n).tolist() for n in (32, 32)]))
     refuse.append(None)
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="backend refuses"):
         # one row on the grid: a new trace
-        sc.score_encoded(_encoded([rng.integers(4, sc.cfg.vocab_size, 45).tolist()]))
+        sc.score_encoded(Encoded.from_ids([rng.integers(4, sc.cfg.vocab_size, 45).tolist()]))
     assert sc.grid and len(refuse) == 2  # one refused trace, and no rerun on flash after it
-
-
-def _encoded(ids: list[list[int]]) -> Encoded:
-    n = len(ids)
-    return Encoded(ids, np.array([len(x) for x in ids], dtype=np.int32), np.zeros(n, dtype=bool), [None] * n)
