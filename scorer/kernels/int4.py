@@ -714,16 +714,12 @@ def register(w: Int4Weight) -> None:
 @torch.library.custom_op("scorer::int4_matmul", mutates_args=(), device_types="cuda")
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                 perm: torch.Tensor | None, bias: torch.Tensor | None, k: int, n: int, group16: int) -> torch.Tensor:
-    """y (M, N) = x (M, K) @ W + bias over the prepared layout (Int4Weight's fields): `matmul`."""
-    if x.shape[0] == 0:
-        return x.new_empty(0, n)
+    """y (M, N) = x (M, K) @ W + bias over the prepared layout (Int4Weight's fields): `linear`."""
     w = _live.get(_key(qweight, scales, qzeros, perm, bias, k, n, group16))
     if w is None:  # not a registered layer (torch.library.opcheck, a hand-built call): planned for this call
         w = Int4Weight(qweight, scales, qzeros, perm, bias, k, n, group16)
         w.check()
-    if not x.is_contiguous() or x.data_ptr() % 16:
-        x = x.contiguous() if not x.is_contiguous() else x.clone()
-    return matmul(x, w)
+    return linear(x, w)
 
 
 @int4_matmul.register_fake
@@ -757,6 +753,17 @@ def reference_weight(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.
     return ref.dequantize(ref.pack_qweight(q), qzeros[:, : n // 8].contiguous(), scales[:, :n], g, v1=False)
 
 
+def linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """`matmul` for any (M, K) x Int4Linear hands over: no rows, or a non-contiguous or misaligned x."""
+    if x.shape[0] == 0:
+        return x.new_empty(0, w.n)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    elif x.data_ptr() % 16:
+        x = x.clone()
+    return matmul(x, w)
+
+
 def bandwidth_bytes(w: Int4Weight) -> int:
     """Bytes one dequant moves: packed codes + scales + zeros read, fp16/bf16 W written."""
     return w.qweight.numel() * 4 + w.scales.numel() * 2 + w.qzeros.numel() * 4 + w.k * w.n * 2
@@ -764,7 +771,7 @@ def bandwidth_bytes(w: Int4Weight) -> int:
 
 __all__ = [
     "Int4Weight", "available", "bandwidth_bytes", "crossover", "dequant", "dequant_matmul", "dequant_rows",
-    "gemm_small", "gemm_tiles", "gemv", "gemv_layout", "gemv_pieces", "gemv_ring", "int4_matmul",
+    "gemm_small", "gemm_tiles", "gemv", "gemv_layout", "gemv_pieces", "gemv_ring", "int4_matmul", "linear",
     "matmul", "measure_crossover", "mt_of", "padded", "reference_matmul", "reference_weight", "register",
     "repack", "reserve", "split_k", "unrepack", "warps_of",
 ]

@@ -217,21 +217,12 @@ class Int4Linear(nn.Module):
         if self.backend == "cuda":
             # traced: one opaque op in the layer's graph; eager on CUDA: the same function without the
             # dispatcher's few us (a short batch of an 8B model makes 224 of these calls)
-            y = (self._eager_cuda(x2) if self.qweight.is_cuda and not torch.compiler.is_compiling() else
+            y = (int4.linear(x2, self._weight()) if self.qweight.is_cuda and not torch.compiler.is_compiling() else
                  torch.ops.scorer.int4_matmul(x2, self.qweight, self.scales, self.qzeros, self.perm, self.bias,
                                               self.in_features, self.out_features, self._group16))
         else:
             y = self._reference_forward(x2)
         return y.view(*lead, self.out_features)
-
-    def _eager_cuda(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.shape[0] == 0:
-            return x2.new_empty(0, self.out_features)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        elif x2.data_ptr() % 16:
-            x2 = x2.clone()
-        return int4.matmul(x2, self._weight())
 
     @torch.compiler.disable  # the plain-torch dequant stays eager under torch.compile (its own frame)
     def _reference_forward(self, x2: torch.Tensor) -> torch.Tensor:
