@@ -234,23 +234,19 @@ class Int4Linear(nn.Module):
         """The dense (N, K) weight in the activation dtype (what an nn.Linear with these values holds)."""
         if self.backend is None:
             raise RuntimeError("Int4Linear.prepare(dtype) must run first")
-        if self.backend == "cuda" and not self.qweight.is_cuda:  # TILES_OFF_CUDA
-            wt = int4.reference_weight(self.qweight, self.scales, self.qzeros, self.in_features, self.out_features,
-                                       self._group16).t()
-            if self.perm is None:
-                return wt.contiguous()
-            out = torch.empty_like(wt)
-            out[:, self.perm.long()] = wt
-            return out
-        if self.backend == "cuda":
+        if self.backend != "cuda":
+            return self._reference_weight().t().contiguous()
+        if self.qweight.is_cuda:
             wt = torch.empty(self.out_features, self.in_features, dtype=self.dtype, device=self.qweight.device)
             int4.dequant(self._weight(), wt)  # (N, K), columns in sequential order
-            if self.perm is None:
-                return wt
-            out = torch.empty_like(wt)
-            out[:, self.perm.long()] = wt
-            return out
-        return self._reference_weight().t().contiguous()
+        else:  # TILES_OFF_CUDA: the same W from the plain-torch kernel
+            wt = int4.reference_weight(self.qweight, self.scales, self.qzeros, self.in_features, self.out_features,
+                                       self._group16).t().contiguous()
+        if self.perm is None:
+            return wt
+        out = torch.empty_like(wt)
+        out[:, self.perm.long()] = wt
+        return out
 
     def weight_bytes(self) -> int:
         """Bytes of this layer's weight tensors as held now (codes, scales, zeros, indices, bias)."""
