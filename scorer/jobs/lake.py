@@ -200,9 +200,7 @@ def list_shards(loc: Location) -> list[Shard]:
             return [Shard(loc.uri, loc.path, loc.path.rsplit("/", 1)[-1], info.size, info.mtime_ns)]
         if info.type == pafs.FileType.NotFound:
             return []
-        pattern = None
-    else:
-        pattern = _glob_regex(loc.path[len(root.path):].lstrip("/"))
+    pattern = _pattern(loc, root)
     try:
         infos = fs.get_file_info(pafs.FileSelector(root.path, recursive=True, allow_not_found=True))
     except (FileNotFoundError, NotADirectoryError):
@@ -212,10 +210,21 @@ def list_shards(loc: Location) -> list[Shard]:
         if info.type != pafs.FileType.File:
             continue
         rel = info.path[len(root.path):].lstrip("/")
-        if _hidden(rel) or not (pattern.match(rel) if pattern is not None else rel.endswith(PARQUET_SUFFIXES)):
+        if not _listed(rel, pattern):
             continue
         shards.append(Shard(f"{root.uri}/{rel}", info.path, rel, info.size, info.mtime_ns, _hive(rel)))
     return sorted(shards, key=lambda s: s.rel)
+
+
+def _pattern(loc: Location, root: Location) -> re.Pattern[str] | None:
+    """The glob of `loc` below `root` (root_of(loc)), or None for a plain folder or file."""
+    return None if root is loc else _glob_regex(loc.path[len(root.path):].lstrip("/"))
+
+
+def _listed(rel: str, pattern: re.Pattern[str] | None) -> bool:
+    """Whether list_shards lists the file at `rel` below the root: not hidden, and through the glob, or a
+    Parquet suffix in a plain folder."""
+    return not _hidden(rel) and (bool(pattern.match(rel)) if pattern is not None else rel.endswith(PARQUET_SUFFIXES))
 
 
 def shard_gone(loc: Location, uri: str) -> bool:
@@ -230,12 +239,7 @@ def shard_gone(loc: Location, uri: str) -> bool:
         if not uri.startswith(prefix):
             return False
         rel = uri[len(prefix):]
-        if _hidden(rel):
-            return False
-        if root is loc:
-            if not rel.endswith(PARQUET_SUFFIXES):
-                return False
-        elif not _glob_regex(loc.path[len(root.path):].lstrip("/")).match(rel):
+        if not _listed(rel, _pattern(loc, root)):
             return False
         path = f"{root.path}/{rel}"
     return loc.fs.get_file_info(path).type == pafs.FileType.NotFound
@@ -270,7 +274,7 @@ def iter_batches(shard: Shard, loc: Location, columns: list[str], batch_rows: in
         file_cols = [c for c in columns if c in names or c not in part]
         missing = [c for c in file_cols if c not in names]
         if missing:
-            raise KeyError(f"{shard.uri} has no column(s) {', '.join(missing)} (it has {', '.join(pf.schema_arrow.names)})")
+            raise KeyError(f"{shard.uri} has no column(s) {', '.join(missing)} (it has {', '.join(names)})")
         for batch in pf.iter_batches(batch_size=batch_rows, columns=file_cols, use_threads=False):
             t = pa.Table.from_batches([batch])
             for c in columns:
