@@ -595,9 +595,14 @@ def check_outputs(loaded: list[LoadedJob]) -> None:
                             field=f"jobs.{j.name}.output", fix="write the output to a folder outside the input")
     for a_i, a in enumerate(loaded):
         for b in loaded[a_i + 1:]:
-            if lake.overlaps(a.partition, b.partition):
-                raise SpecError(f"jobs {a.name!r} and {b.name!r} both write {a.partition.uri}", where=b.where["output"],
-                                field=f"jobs.{b.name}.output", fix="give each job its own output folder or partition")
+            _refuse_shared_output(a, b, b)
+
+
+def _refuse_shared_output(a: LoadedJob, b: LoadedJob, at: LoadedJob) -> None:
+    """SpecError at `at`'s output when jobs a and b write the same partition."""
+    if lake.overlaps(a.partition, b.partition):
+        raise SpecError(f"jobs {a.name!r} and {b.name!r} both write {a.partition.uri}", where=at.where["output"],
+                        field=f"jobs.{at.name}.output", fix="give each job its own output folder or partition")
 
 
 def load_and_check(jobs_file: str | Path, *, jobs: list[str] = (), sets: list[str] = (), date: str | None = None) -> list[LoadedJob]:
@@ -618,10 +623,7 @@ def load_and_check(jobs_file: str | Path, *, jobs: list[str] = (), sets: list[st
                 pass  # a job left out that does not load writes nothing; the others are still checked
         for a in loaded:
             for b in others:
-                if lake.overlaps(a.partition, b.partition):
-                    raise SpecError(f"jobs {a.name!r} and {b.name!r} both write {a.partition.uri}",
-                                    where=a.where["output"], field=f"jobs.{a.name}.output",
-                                    fix="give each job its own output folder or partition")
+                _refuse_shared_output(a, b, a)
     return loaded
 
 
