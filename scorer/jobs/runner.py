@@ -286,8 +286,8 @@ def _finish(plan: JobPlan, stats: JobStats, run_id: str) -> None:
     then `_SUCCESS`. Incomplete: `_report.json` alone, saying so, with what failed."""
     j = plan.job
     manifest = lake.read_manifest(j.partition)
-    complete = not stats.failed and all(manifest.get(s.name, {}).get("fingerprint") == s.fingerprint
-                                        for s in plan.shards)
+    committed = [s for s in plan.shards if manifest.get(s.name, {}).get("fingerprint") == s.fingerprint]
+    complete = not stats.failed and len(committed) == len(plan.shards)
     current = {s.name for s in plan.shards}
     inputs = {s.shard.uri for s in plan.shards}
     # An output not in this run's plan is retired only when this job wrote it (two jobs files may share
@@ -299,23 +299,21 @@ def _finish(plan: JobPlan, stats: JobStats, run_id: str) -> None:
         return job == j.name and (uri in inputs or lake.shard_gone(j.input, uri))
 
     gone = sorted(n for n, e in manifest.items() if n not in current and retire(e.get("job"), str(e.get("input", ""))))
-    if complete:  # a file with no entry (a kill between its commit and its entry): its own metadata says whose
+    if complete:
+        # a file with no entry (a kill between its commit and its entry): its own metadata says whose
         for n in lake.list_files(j.partition):
             if n.endswith(".parquet") and n not in current and n not in manifest:
                 meta = _output_metadata(j.partition.child(n))
                 if retire(meta.get("scorer.job"), meta.get("scorer.input", "")):
                     gone.append(n)
         gone.sort()
-    if complete:
         if gone:  # readers must not see _SUCCESS over a partition that is changing
             lake.remove(j.partition.child(SUCCESS))
         for name in gone:  # the file first: a kill between the two leaves an entry the next run retires
             lake.remove(j.partition.child(name))
             lake.remove(j.partition.child(lake.MANIFEST_DIR, name + ".json"))
         stats.retired = gone
-        entries = [manifest[s.name] for s in plan.shards]
-    else:
-        entries = [manifest[s.name] for s in plan.shards if manifest.get(s.name, {}).get("fingerprint") == s.fingerprint]
+    entries = [manifest[s.name] for s in committed]
     labels: dict[str, int] = {}
     for e in entries:
         for k, v in (e.get("labels") or {}).items():
@@ -332,8 +330,7 @@ def _finish(plan: JobPlan, stats: JobStats, run_id: str) -> None:
     if complete:
         report["retired"] = gone  # outputs whose input shard is gone, removed by this run
     else:
-        report["not_committed"] = sorted(s.shard.uri for s in plan.shards
-                                         if manifest.get(s.name, {}).get("fingerprint") != s.fingerprint)
+        report["not_committed"] = sorted({s.shard.uri for s in plan.shards} - {s.shard.uri for s in committed})
         report["gone_left_in_place"] = gone  # retired once a run completes
     lake.write_marker(j.partition, REPORT, json.dumps(report, indent=2, sort_keys=True).encode())
     if complete:
