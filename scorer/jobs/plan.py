@@ -98,11 +98,8 @@ def weights_digest(loc: lake.Location, name: str, size: int, mtime_ns: int | Non
         return blob
     key = f"{path}\0{size}\0{mtime_ns}"
     if key not in known:
-        h = hashlib.sha256()
         with open(path, "rb") as f:
-            while chunk := f.read(16 << 20):
-                h.update(chunk)
-        known[key] = h.hexdigest()
+            known[key] = hashlib.file_digest(f, "sha256").hexdigest()
     return known[key]
 
 
