@@ -34,12 +34,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from scorer.batching import collate, grid_layout, pack, plan_batches, plan_packed
+from scorer.batching import collate, graph_bucket, grid_layout, pack, pad_packed, plan_batches, plan_packed
 from scorer.model.config import LlamaConfig
 from scorer.model.heads import POOLINGS, ScoringModel, activate, finish_embedding
 from scorer.model.llama import (
     Grid, Packed, compile_layers, cudnn_attention_available, fuse_projections, grid_supported, varlen_supported,
 )
+from scorer.model.graphs import PackedGraphs
 from scorer.model.load import TextEncoder, _parse_dtype, load_model, weight_files
 
 log = logging.getLogger(__name__)
@@ -130,11 +131,16 @@ class Scorer:
     def __init__(
         self, model: ScoringModel, cfg: LlamaConfig, tokenizer: TextEncoder | None, settings: Settings,
         device: torch.device, attention: str = "auto", attention_kernel: str = "auto",
+        cuda_graphs: bool | str = "auto",
     ):
         """Prefer `from_pretrained`; a tokenizer of None serves `score_encoded` only (benchmarks).
         attention_kernel (packed path): "flash" (flash attention varlen), "cudnn" (cuDNN's fused attention
         over the batch's rows right-padded into a grid, `GRID_MAX_SLOTS` permitting; on a CPU, SDPA over
-        that grid) or "auto": cuDNN on Hopper GPUs, where it is about twice as fast, flash elsewhere."""
+        that grid) or "auto": cuDNN on Hopper GPUs, where it is about twice as fast, flash elsewhere.
+        cuda_graphs (packed path on CUDA): small batches (up to GRAPH_TOKENS[-1] tokens and GRAPH_ROWS[-1] rows)
+        are padded to a bucket shape and replayed from a CUDA graph captured once per shape
+        (scorer.model.graphs), which removes the host's launch time that bounds them; "auto" is on wherever
+        the packed path runs on CUDA, True insists, False never."""
         self.model, self.cfg, self.tokenizer, self.settings, self.device = model, cfg, tokenizer, settings, device
         self.dtype = _parse_dtype(settings.dtype)
         self.pad_id = self._pad_id()
@@ -163,6 +169,14 @@ class Scorer:
             self.grid, why = False, "flash attention varlen" if self.packed else "the padded path"
         if self.packed:
             log.info("scorer packed attention kernel: %s (%s)", "cuDNN" if self.grid else "flash varlen", why)
+        if cuda_graphs not in (True, False, "auto"):
+            raise ValueError(f"cuda_graphs must be True, False or 'auto', not {cuda_graphs!r}")
+        graphable = self.packed and device.type == "cuda"
+        if cuda_graphs is True and not graphable:
+            raise ValueError("cuda_graphs=True needs the packed path on a CUDA device "
+                             f"(here: {'packed' if self.packed else 'padded'} on {device})")
+        self._graphs = PackedGraphs(model.model, device) if graphable and cuda_graphs else None
+        log.info("scorer CUDA graphs for small batches: %s", "on" if self._graphs is not None else "off")
 
     @classmethod
     def from_pretrained(
@@ -184,12 +198,14 @@ class Scorer:
         compile: bool | str = "auto",
         embeddings: str = "auto",
         attention_kernel: str = "auto",
+        cuda_graphs: bool | str = "auto",
     ) -> "Scorer":
         """embeddings: where the token-embedding table lives while a GPU scores: "device", "host" (its
         rows are gathered on the CPU and copied with the batch, freeing vocab x hidden x 2 bytes of GPU
         memory; scores are bit-identical), or "auto": host for 4-bit checkpoints, whose point is GPU
         memory, device otherwise. Ignored on the CPU.
-        attention_kernel: the packed path's attention, "auto", "flash" or "cudnn" (see `Scorer`)."""
+        attention_kernel: the packed path's attention, "auto", "flash" or "cudnn" (see `Scorer`).
+        cuda_graphs: small packed batches replayed from CUDA graphs, "auto", True or False (see `Scorer`)."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, not {task!r}")
         if pooling not in POOLINGS:
@@ -218,7 +234,7 @@ class Scorer:
         tokenizer = TextEncoder(path, settings.max_length, truncation_side)
         model, cfg = load_model(path, dt, dev)
         fuse_projections(model)
-        scorer = cls(model, cfg, tokenizer, settings, dev, attention, attention_kernel)
+        scorer = cls(model, cfg, tokenizer, settings, dev, attention, attention_kernel, cuda_graphs)
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto', not {compile!r}")
         if embeddings not in ("auto", "device", "host"):
@@ -242,9 +258,16 @@ class Scorer:
         # single rows (size-1 dimensions, which dynamic shapes specialize): grid twice, flash twice, one token.
         # The grid rows' lengths are not multiples of 16, so a row's length and its grid's width differ: a
         # trace that saw them equal may take them for one size (duck sizing) and retrace on every other row
-        for row_lengths in ((32, 32), (48, 48, 48), (40, 17), (60, 20, 20), (45,), (61,), (17,), (33,), (1,)):
-            self.score_encoded(Encoded.from_ids(
-                [rng.integers(4, self.cfg.vocab_size, min(n, self.settings.max_length)).tolist() for n in row_lengths]))
+        # These run without CUDA graphs: they trace the eager paths the batches too large for a graph take.
+        # A graph's bucket is captured at its first batch (one eager forward and one capture of that size).
+        graphs, self._graphs = self._graphs, None
+        try:
+            for row_lengths in ((32, 32), (48, 48, 48), (40, 17), (60, 20, 20), (45,), (61,), (17,), (33,), (1,)):
+                self.score_encoded(Encoded.from_ids(
+                    [rng.integers(4, self.cfg.vocab_size, min(n, self.settings.max_length)).tolist()
+                     for n in row_lengths]))
+        finally:
+            self._graphs = graphs
         self.last_stats = ScoreStats()
 
     # -- tokenizing (CPU, thread-safe) ------------------------------------------------------------
@@ -300,8 +323,13 @@ class Scorer:
         with torch.inference_mode():
             for part in plan(lengths, s.max_batch_tokens, s.max_rows):
                 lg = e = None
-                if self.packed:  # rows end to end, flash attention varlen: no padding at all
-                    b = pack(enc.ids, valid[part])
+                b = pack(enc.ids, valid[part]) if self.packed else None
+                bucket = graph_bucket(b.lengths) if b is not None and self._graphs is not None else None
+                graphed = self._graphed(b, bucket, classify, embed) if bucket is not None else None
+                if graphed is not None:  # a small batch, replayed from its bucket's CUDA graph
+                    lg, e = graphed
+                    stats.padded_tokens += bucket[0] - b.real_tokens
+                elif self.packed:  # rows end to end, flash attention varlen: no padding at all
                     rows_emb = self._host_embeddings(b.input_ids)
                     b = b.to(self.device)
                     keep = self.model.keep_index(b.input_ids, classify, embed, s.pooling, cu_seqlens=b.cu_seqlens)
@@ -345,6 +373,29 @@ class Scorer:
         stats.seconds = time.perf_counter() - t0
         self.last_stats = stats
         return table
+
+    def _graphed(self, b: Any, bucket: tuple[int, int], classify: bool, embed: bool
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+        """(logits, embeddings) of packed batch `b` (host) through the CUDA graph of its bucket, or None when
+        graphs are off (a capture failed): the caller then runs the batch eagerly."""
+        s = self.settings
+        bp = pad_packed(b, *bucket, self.pad_id)
+        rows_emb = self._host_embeddings(bp.input_ids)
+        bp = bp.to(self.device)
+        keep = self.model.keep_index(bp.input_ids, classify, embed, s.pooling, cu_seqlens=bp.cu_seqlens)
+        hidden = self._graphs.run(bp, rows_emb, keep)
+        if hidden is None:
+            return None
+        rows, n = len(b.lengths), b.real_tokens
+        if keep is not None:  # (parts x bucket rows, H): each part's real rows come first
+            parts = int(classify) + int(embed)
+            idx = torch.arange(rows, device=self.device)
+            idx = torch.cat([idx + p * bucket[1] for p in range(parts)]) if parts > 1 else idx
+            return self._outputs_of_kept(hidden[idx], classify, embed)
+        real, ids, cu = hidden[:n], bp.input_ids[:n], bp.cu_seqlens[: rows + 1]
+        lg = self.model.logits_packed(real, ids, cu) if classify else None
+        e = self.model.embed_packed(real, cu, s.pooling, s.normalize, s.dimensions) if embed else None
+        return lg, e
 
     def _forward_packed(self, b: Any, rows_emb: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
         """The backbone on a packed batch, through cuDNN's grid where it is on. Should cuDNN refuse a shape

@@ -11,6 +11,11 @@ padding, so a batch costs its real tokens and is cut when their sum would pass `
 `grid_layout` maps a packed batch onto a right-padded (rows, width) grid for a dense attention kernel
 (scorer.model.llama.Grid); the rest of the model stays packed.
 
+`graph_bucket` and `pad_packed` fit a small packed batch into one of a few fixed shapes (tokens, rows), so
+that one captured CUDA graph per shape can replay it (scorer.model.graphs): pad rows are appended after
+the real ones, the first holding the spare tokens and the others one each. Attention is causal within a
+row, so no real token ever sees a pad token, and the real rows' tokens keep their indices.
+
 `collate` left-pads: row b's real tokens fill the last `lengths[b]` columns, with positions 0..len-1, so
 every row's last real token sits in the last column (exllama-style offsets) and RoPE sees the same
 positions as the row alone. Padding columns get the pad id, position 0 and mask False.
@@ -130,6 +135,57 @@ def pack(token_lists: Sequence[Sequence[int]], rows: Sequence[int] | np.ndarray)
     pin = torch.cuda.is_available()
     t = lambda a: torch.from_numpy(a).pin_memory() if pin else torch.from_numpy(a)  # noqa: E731
     return PackedBatch(t(ids), t(pos), t(cu), lengths, rows)
+
+
+# CUDA-graph buckets of packed batches: ~1.5x steps, so padding adds at most half the real tokens (a
+# quarter on average), and few enough shapes that capturing each once stays cheap.
+GRAPH_TOKENS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def graph_bucket(lengths: Sequence[int] | np.ndarray, tokens: Sequence[int] = GRAPH_TOKENS,
+                 rows: Sequence[int] = GRAPH_ROWS) -> tuple[int, int] | None:
+    """The (tokens, rows) bucket a packed batch of these row lengths replays in, or None when it is larger
+    than every bucket: the batch's own shape when that is a bucket, else the fewest rows above the
+    batch's, then the fewest tokens that give each of those pad rows at least one (`pad_packed`)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not len(lengths) or int(lengths.min()) < 1:
+        return None
+    b, n = len(lengths), int(lengths.sum())
+    if n in tokens and b in rows:
+        return n, b
+    rb = next((r for r in rows if r > b), None)
+    if rb is None:
+        return None
+    tb = next((t for t in tokens if t >= n + rb - b), None)
+    return None if tb is None else (tb, rb)
+
+
+def pad_packed(batch: "PackedBatch", tokens: int, rows: int, pad_id: int) -> "PackedBatch":
+    """`batch` (host tensors) grown to exactly `tokens` tokens in `rows` rows by pad rows after the real
+    ones: the first pad row holds the spare tokens, each other one token; pad tokens are `pad_id` at
+    positions 0..len-1 of their row, and their `rows` entries are -1. A batch of that shape already is
+    returned as it is."""
+    b, n = len(batch.lengths), batch.real_tokens
+    if (tokens, rows) == (n, b):
+        return batch
+    extra = rows - b
+    first = tokens - n - (extra - 1)
+    if extra < 1 or first < 1:
+        raise ValueError(f"a packed batch of {n} tokens in {b} rows does not fit {tokens} tokens in {rows} rows "
+                         "with a pad row")
+    pad_len = np.array([first] + [1] * (extra - 1), dtype=np.int64)
+    lengths = np.concatenate([batch.lengths, pad_len])
+    cu = np.zeros(rows + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    pad_pos = np.concatenate([np.arange(first, dtype=np.int64), np.zeros(extra - 1, dtype=np.int64)])
+    pin = torch.cuda.is_available()
+    ids = torch.cat([batch.input_ids, torch.full((tokens - n,), pad_id, dtype=torch.int64)])
+    pos = torch.cat([batch.position_ids, torch.from_numpy(pad_pos)])
+    cu_t = torch.from_numpy(cu)
+    if pin:
+        ids, pos, cu_t = ids.pin_memory(), pos.pin_memory(), cu_t.pin_memory()
+    return PackedBatch(ids, pos, cu_t, lengths, np.concatenate([batch.rows, np.full(extra, -1, dtype=np.int64)]))
 
 
 def grid_layout(lengths: Sequence[int] | np.ndarray, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:

@@ -204,6 +204,7 @@ class Variant:
     compile: bool = False
     embeddings: str = "auto"  # auto (host for 4-bit, as Scorer.from_pretrained) | host | device
     kernel: str = "auto"  # packed attention: auto (cuDNN on Hopper) | flash | cudnn
+    graphs: bool = True  # small packed batches from CUDA graphs (Scorer's cuda_graphs="auto")
 
     @property
     def host_embeddings(self) -> bool:
@@ -216,20 +217,23 @@ class Variant:
         parts += ["compiled"] if self.compile else []
         parts += ["embedding table in host memory"] if self.host_embeddings else []
         parts += [] if self.kernel == "auto" else [f"{self.kernel} attention"]
+        parts += [] if self.graphs else ["no CUDA graphs"]
         return "scorer " + ", ".join(parts)
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
-        """e.g. "bf16", "int4+compile", "bf16+padded+unfused", "int4+compile+devemb", "bf16+compile+flash"."""
+        """e.g. "bf16", "int4+compile", "bf16+padded+unfused", "int4+compile+devemb", "bf16+compile+flash",
+        "int4+compile+nographs"."""
         words = spec.split("+")
-        flags = {"padded", "packed", "unfused", "compile", "hostemb", "devemb", "flash", "cudnn"}
+        flags = {"padded", "packed", "unfused", "compile", "hostemb", "devemb", "flash", "cudnn", "nographs"}
         if words[0] not in ("bf16", "int4") or not set(words[1:]) <= flags:
             raise ValueError(f"variant {spec!r}: bf16|int4, then +padded, +packed, +unfused, +compile, "
-                             "+hostemb, +devemb, +flash, +cudnn")
+                             "+hostemb, +devemb, +flash, +cudnn, +nographs")
         att = "padded" if "padded" in words else "packed" if "packed" in words else "auto"
         emb = "host" if "hostemb" in words else "device" if "devemb" in words else "auto"
         kernel = "flash" if "flash" in words else "cudnn" if "cudnn" in words else "auto"
-        return cls(words[0] == "int4", att, "unfused" not in words, "compile" in words, emb, kernel)
+        return cls(words[0] == "int4", att, "unfused" not in words, "compile" in words, emb, kernel,
+                   "nographs" not in words)
 
 
 DEFAULT_VARIANTS = "bf16+padded+unfused,bf16,bf16+compile,int4,int4+compile"
@@ -276,7 +280,8 @@ def random_scorer(shape: str, v: Variant, max_batch_tokens: int, layers: int | N
                         pooling="last", normalize=True, dimensions=None, threshold=0.5, return_logits=False,
                         max_batch_tokens=max_batch_tokens, max_rows=1024)
     _ = QuantConfig  # the config above is parsed by the same code a checkpoint's is
-    return Scorer(model, cfg, None, settings, torch.device("cuda"), attention=v.attention, attention_kernel=v.kernel)
+    return Scorer(model, cfg, None, settings, torch.device("cuda"), attention=v.attention, attention_kernel=v.kernel,
+                  cuda_graphs="auto" if v.graphs else False)
 
 
 def fill_random_gptq(mod: torch.nn.Module, gen: torch.Generator) -> None:

@@ -89,3 +89,25 @@ def test_cuda_host_embedding_table_is_bit_identical(make_dir, attention):
     with pytest.raises(ValueError, match="inputs_embeds"):
         ids = torch.zeros(1, 3, dtype=torch.long, device="cuda")
         host.model(ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(3, device="cuda")[None])
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graphs_score_as_eager(make_dir, compile):
+    """Small packed batches replayed from CUDA graphs (one per bucket) score as the eager forward, and a
+    bucket's second replay scores its own rows, not the first ones'."""
+    path = make_dir(**SHAPE)
+    texts = TEXTS * 4 + ["x", "<pad> inside <pad>"]
+    kw = dict(device="cuda", dtype="bfloat16", task="both", max_batch_tokens=150, compile=compile)
+    graphed = Scorer.from_pretrained(path, cuda_graphs=True, **kw)
+    eager = Scorer.from_pretrained(path, cuda_graphs=False, **kw)
+    graphed.warmup()
+    a, b = graphed.score(texts), eager.score(texts)
+    assert graphed._graphs.on and len(graphed._graphs) >= 2 and eager._graphs is None
+    assert graphed.last_stats.padded_tokens > graphed.last_stats.real_tokens
+    np.testing.assert_allclose(_probs(a), _probs(b), atol=2e-2, rtol=0)
+    np.testing.assert_allclose(np.array(a["embedding"].to_pylist()), np.array(b["embedding"].to_pylist()),
+                               atol=2e-2, rtol=0)
+    n = len(graphed._graphs)
+    for sub in (texts[::-1], texts[3:9], texts[:2]):  # the same buckets again, other rows in them
+        np.testing.assert_allclose(_probs(graphed.score(sub)), _probs(eager.score(sub)), atol=2e-2, rtol=0)
+    assert graphed._graphs.on and len(graphed._graphs) >= n

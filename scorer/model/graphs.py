@@ -1,0 +1,130 @@
+"""CUDA graphs of the backbone for small packed batches: one capture per bucket shape, then replays.
+
+A batch of a few hundred tokens is bound by the host: an 8B model launches ~1,500 kernels a forward
+(4-bit: three per small-m linear), and Python, torch's dispatcher and the launches take 20-40 ms against
+5-16 ms of GPU work (benchmarks/RESULTS.md, small batches). A captured graph replays every launch in one
+call. Graph shapes are fixed, so a batch is first padded to its bucket (`batching.graph_bucket`,
+`batching.pad_packed`: pad rows after the real ones), copied into the bucket's static input tensors, and
+the graph replayed; the caller reads the real rows' outputs and drops the pad rows'.
+
+What a capture relies on, and how it is kept:
+  * no host sync and no first-use work inside the capture: each bucket runs once eagerly (on a side
+    stream, as torch.cuda.graph asks) before it is captured, so torch.compile traces the shape, the 4-bit
+    layers measure their crossovers and build their launch plans, and the 4-bit scratch exists;
+  * the buffers a graph writes outlive it: its static inputs and output are held by the entry, its
+    intermediates live in one memory pool shared by all buckets (they never run concurrently: one stream,
+    one Scorer lock), and the 4-bit scratch buffers it was captured with are referenced too, so a later
+    model that grows the scratch cannot free memory a replay writes to;
+  * attention is flash varlen (`Packed` without a grid) with max_len = the bucket's tokens, an upper bound
+    of every row it can hold; cuDNN's grid has per-batch shapes.
+A failed capture turns graphs off for this model (logged) and the batch runs eagerly: the forward has no
+side effects, so nothing is lost or scored twice.
+
+`PackedGraphs(..., capture=False)` keeps the buckets, the static tensors and the copies but runs the forward
+eagerly on them instead of replaying: that is how the CPU tests check everything but the capture itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from scorer.batching import PackedBatch
+from scorer.model.llama import LlamaModel, Packed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Entry:
+    graph: torch.cuda.CUDAGraph | None  # None: capture=False, the forward runs on the static tensors
+    ids: torch.Tensor
+    pos: torch.Tensor
+    cu: torch.Tensor
+    emb: torch.Tensor | None
+    keep: torch.Tensor | None
+    out: torch.Tensor
+    held: list  # 4-bit scratch buffers the capture wrote into (kept alive with the graph)
+
+
+class PackedGraphs:
+    """Captured forwards of `model.forward_packed`, keyed by (tokens, rows, kept tokens, inputs_embeds)."""
+
+    def __init__(self, model: LlamaModel, device: torch.device, capture: bool = True) -> None:
+        self.model, self.device, self.capture = model, device, capture
+        self.entries: dict[tuple, _Entry] = {}
+        self.pool = None  # torch.cuda.graph_pool_handle(), at the first capture
+        self.on = True
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def run(self, b: PackedBatch, emb: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:
+        """The backbone's output for padded batch `b` (device tensors) by replay: (len(keep), H), or (tokens,
+        H) without keep. The tensor is the graph's own output, valid until the next replay. None when
+        graphs are off (a capture failed before)."""
+        if not self.on:
+            return None
+        tokens, rows = int(b.input_ids.shape[0]), len(b.lengths)
+        key = (tokens, rows, None if keep is None else int(keep.shape[0]), emb is not None)
+        e = self.entries.get(key)
+        if e is None:
+            e = self._capture(key, b, emb, keep)
+            if e is None:
+                return None
+        e.ids.copy_(b.input_ids, non_blocking=True)
+        e.pos.copy_(b.position_ids, non_blocking=True)
+        e.cu.copy_(b.cu_seqlens, non_blocking=True)
+        if emb is not None:
+            e.emb.copy_(emb, non_blocking=True)
+        if keep is not None:
+            e.keep.copy_(keep, non_blocking=True)
+        if e.graph is None:
+            e.out = self._forward(e.ids, e.pos, e.cu, e.emb, e.keep, tokens)
+        else:
+            e.graph.replay()
+        return e.out
+
+    def _forward(self, ids, pos, cu, emb, keep, tokens: int) -> torch.Tensor:
+        return self.model.forward_packed(ids, pos, Packed(cu, tokens), emb, keep)
+
+    def _capture(self, key: tuple, b: PackedBatch, emb: torch.Tensor | None,
+                 keep: torch.Tensor | None) -> _Entry | None:
+        tokens = key[0]
+        ids, pos, cu = b.input_ids.clone(), b.position_ids.clone(), b.cu_seqlens.clone()
+        emb_s = None if emb is None else emb.clone()
+        keep_s = None if keep is None else keep.clone()
+        if not self.capture:
+            e = self.entries[key] = _Entry(None, ids, pos, cu, emb_s, keep_s, ids, [])
+            return e
+        try:
+            cur = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):  # first-use work (traces, crossovers, plans, scratch) out of capture
+                self._forward(ids, pos, cu, emb_s, keep_s, tokens)
+            cur.wait_stream(side)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                out = self._forward(ids, pos, cu, emb_s, keep_s, tokens)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any capture failure: run eagerly from now on
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            log.warning("CUDA graph capture of a %d-token, %d-row batch failed (%s): this Scorer runs small "
+                        "batches eagerly from now on (cuda_graphs=False skips graphs from the start)",
+                        tokens, key[1], first)
+            self.on = False
+            return None
+        from scorer.kernels import int4
+
+        held = [t for s in int4._scratch.values() for t in (s.buf, s.counters) if t is not None]
+        e = _Entry(graph, ids, pos, cu, emb_s, keep_s, out, held)
+        self.entries[key] = e
+        log.info("scorer: captured a CUDA graph for %d tokens in %d rows (%d graphs)", tokens, key[1],
+                 len(self.entries))
+        return e
