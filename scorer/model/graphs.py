@@ -27,6 +27,7 @@ eagerly on them instead of replaying: that is how the CPU tests check everything
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,7 @@ class PackedGraphs:
         if not self.capture:
             e = self.entries[key] = _Entry(None, ids, pos, cu, emb_s, keep_s, ids, [])
             return e
+        t0 = time.perf_counter()
         try:
             cur = torch.cuda.current_stream(self.device)
             side = torch.cuda.Stream(self.device)
@@ -125,6 +127,6 @@ class PackedGraphs:
         held = [t for s in int4._scratch.values() for t in (s.buf, s.counters) if t is not None]
         e = _Entry(graph, ids, pos, cu, emb_s, keep_s, out, held)
         self.entries[key] = e
-        log.info("scorer: captured a CUDA graph for %d tokens in %d rows (%d graphs)", tokens, key[1],
-                 len(self.entries))
+        log.info("scorer: captured a CUDA graph for %d tokens in %d rows in %.0f ms (%d graphs)", tokens, key[1],
+                 1e3 * (time.perf_counter() - t0), len(self.entries))
         return e
