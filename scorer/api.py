@@ -325,7 +325,7 @@ class Scorer:
                 lg = e = None
                 b = pack(enc.ids, valid[part]) if self.packed else None
                 bucket = graph_bucket(b.lengths) if b is not None and self._graphs is not None else None
-                graphed = self._graphed(b, bucket, classify, embed) if bucket is not None else None
+                graphed = self._graphed(b, bucket, classify, embed) if bucket and self._graphs.wants(bucket) else None
                 if graphed is not None:  # a small batch, replayed from its bucket's CUDA graph
                     lg, e = graphed
                     stats.padded_tokens += bucket[0] - b.real_tokens

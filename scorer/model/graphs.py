@@ -17,6 +17,12 @@ What a capture relies on, and how it is kept:
     model that grows the scratch cannot free memory a replay writes to;
   * attention is flash varlen (`Packed` without a grid) with max_len = the bucket's tokens, an upper bound
     of every row it can hold; cuDNN's grid has per-batch shapes.
+A graph pays only while the host is what a batch waits on: past a few hundred tokens (an 8B model; more
+for a smaller one, fewer for a larger) the GPU is, and then the unpadded eager forward (with cuDNN's
+attention on Hopper) is faster than the padded replay. So each capture is timed against the eager forward
+of the same padded tensors, and a bucket whose replay does not save KEEP_RATIO of it is dropped and runs
+eagerly from then on: measured per model and GPU, not a token limit guessed for one of them.
+
 A failed capture turns graphs off for this model (logged) and the batch runs eagerly: the forward has no
 side effects, so nothing is lost or scored twice.
 
@@ -36,6 +42,8 @@ from scorer.batching import PackedBatch
 from scorer.model.llama import LlamaModel, Packed
 
 log = logging.getLogger(__name__)
+
+KEEP_RATIO = 0.9  # a bucket's graph is kept when its replay takes at most this much of the eager forward's time
 
 
 @dataclass
@@ -58,14 +66,19 @@ class PackedGraphs:
         self.entries: dict[tuple, _Entry] = {}
         self.pool = None  # torch.cuda.graph_pool_handle(), at the first capture
         self.on = True
+        self.eager: set[tuple[int, int]] = set()  # (tokens, rows) buckets measured faster without a graph
 
     def __len__(self) -> int:
         return len(self.entries)
 
+    def wants(self, bucket: tuple[int, int]) -> bool:
+        """Whether a batch of this (tokens, rows) bucket should go to `run`."""
+        return self.on and bucket not in self.eager
+
     def run(self, b: PackedBatch, emb: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:
         """The backbone's output for padded batch `b` (device tensors) by replay: (len(keep), H), or (tokens,
         H) without keep. The tensor is the graph's own output, valid until the next replay. None when
-        graphs are off (a capture failed before)."""
+        graphs are off (a capture failed) or its bucket has just been measured faster eagerly."""
         if not self.on:
             return None
         tokens, rows = int(b.input_ids.shape[0]), len(b.lengths)
@@ -125,8 +138,28 @@ class PackedGraphs:
         from scorer.kernels import int4
 
         held = [t for s in int4._scratch.values() for t in (s.buf, s.counters) if t is not None]
+        t_eager = self._timed(lambda: self._forward(ids, pos, cu, emb_s, keep_s, tokens))
+        t_graph = self._timed(graph.replay)
+        took = 1e3 * (time.perf_counter() - t0)
+        if t_graph > KEEP_RATIO * t_eager:
+            self.eager.add(key[:2])
+            log.info("scorer: %d tokens in %d rows run eagerly: a CUDA graph replay took %.1f ms against %.1f ms "
+                     "eager (the GPU, not the host, bounds them; measured in %.0f ms)", tokens, key[1],
+                     1e3 * t_graph, 1e3 * t_eager, took)
+            return None
         e = _Entry(graph, ids, pos, cu, emb_s, keep_s, out, held)
         self.entries[key] = e
-        log.info("scorer: captured a CUDA graph for %d tokens in %d rows in %.0f ms (%d graphs)", tokens, key[1],
-                 1e3 * (time.perf_counter() - t0), len(self.entries))
+        log.info("scorer: captured a CUDA graph for %d tokens in %d rows: %.1f ms a replay against %.1f ms eager "
+                 "(captured and measured in %.0f ms; %d graphs)", tokens, key[1], 1e3 * t_graph, 1e3 * t_eager,
+                 took, len(self.entries))
         return e
+
+    def _timed(self, fn, reps: int = 2) -> float:
+        best = float("inf")
+        for _ in range(reps):
+            torch.cuda.synchronize(self.device)
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize(self.device)
+            best = min(best, time.perf_counter() - t)
+        return best
