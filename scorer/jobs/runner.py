@@ -234,11 +234,14 @@ def _run_job(plan: JobPlan, run_id: str, progress: Progress) -> JobStats:
 
 def _worker_config(j: LoadedJob, run_id: str, device: str) -> WorkerConfig:
     job = j.job
+    keep = tuple(dict.fromkeys([*job.id, *job.passthrough]))
+    schema = j.input_schema
+    types = {c: schema.field(c).type for c in keep if c in schema.names} if schema is not None else {}
     return WorkerConfig(
         job_name=j.name, run_id=run_id, model=j.model, task=job.task, device=device, dtype=job.runtime.dtype,
         batching=job.batching.model_dump(), labels=job.labels.model_dump(), text=j.text,
-        keep=tuple(dict.fromkeys([*job.id, *job.passthrough])), filter=job.filter, input=j.input,
-        partition=j.partition, compression=job.output.compression,
+        keep=keep, filter=job.filter, input=j.input, partition=j.partition, compression=job.output.compression,
+        keep_types=types, keep_types_from=j.input_schema_from,
     )
 
 

@@ -176,6 +176,7 @@ class LoadedJob:
     where: dict[str, str] = field(default_factory=dict)  # field -> "jobs.yaml:LINE" for later messages
     shards: list[lake.Shard] | None = None
     input_schema: pa.Schema | None = None
+    input_schema_from: str | None = None  # the shard whose footer gave input_schema
 
     @property
     def storage(self) -> lake.StorageOptions:
@@ -538,17 +539,17 @@ def check_input(j: LoadedJob) -> None:
     if not shards:
         raise SpecError(f"no Parquet files at {j.input.uri}", where=where, field=fld,
                         fix="give a Parquet file, a folder of *.parquet files or a glob such as data/**/*.parquet")
-    schema, first_error = None, None
+    schema, first_error, source = None, None, None
     for shard in shards:  # the first readable footer; an unreadable shard fails alone at run time
         try:
-            schema = lake.read_schema(shard, j.input)
+            schema, source = lake.read_schema(shard, j.input), shard.uri
             break
         except Exception as e:  # noqa: BLE001 - a footer that does not parse is this one error
             first_error = first_error or f"{shard.uri}: {e}"
     if schema is None:
         raise SpecError(f"no input file has a readable Parquet footer ({first_error})", where=where, field=fld,
                         fix="check that the input files are Parquet")
-    j.shards, j.input_schema = shards, schema
+    j.shards, j.input_schema, j.input_schema_from = shards, schema, source
     have = ", ".join(schema.names)
     for role in ("id", "passthrough"):
         for col in getattr(j.job, role):

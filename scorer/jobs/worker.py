@@ -89,6 +89,11 @@ class WorkerConfig:
     input: lake.Location
     partition: lake.Location
     compression: str
+    # the keep columns' Arrow types in the job's first input file (keep_types_from): every output of the job
+    # is written with them, so the outputs of shards whose own types differ (a hive key that some files also
+    # hold as a column, int32 here and int64 there) still read as one dataset
+    keep_types: dict[str, Any] = field(default_factory=dict)
+    keep_types_from: str | None = None
 
 
 class ShardWorker:
@@ -219,7 +224,8 @@ class ShardWorker:
         missing = [c for c in self.cfg.keep if c not in in_schema.names]
         if missing:
             raise KeyError(f"no column(s) {', '.join(missing)} (it has {', '.join(in_schema.names)})")
-        fields = [in_schema.field(c) for c in self.cfg.keep]
+        types = self.cfg.keep_types
+        fields = [in_schema.field(c).with_type(types[c]) if c in types else in_schema.field(c) for c in self.cfg.keep]
         for f in self.scorer.output_schema:
             if f.name == "label":
                 f = f.with_type(pa.dictionary(pa.int32(), pa.string()))
@@ -233,9 +239,24 @@ class ShardWorker:
         return pa.schema(fields, metadata=meta)
 
     def _assemble(self, kept: pa.Table, scores: pa.Table, schema: pa.Schema) -> pa.Table:
-        cols = [kept[c] for c in kept.column_names] + [scores[c] for c in scores.column_names]
+        cols = [self._conform(kept[c], schema.field(c).type, c) for c in kept.column_names]
+        cols += [scores[c] for c in scores.column_names]
         table = pa.Table.from_arrays(cols, names=kept.column_names + scores.column_names)
         return table.cast(schema)
+
+    def _conform(self, col: pa.ChunkedArray, want: pa.DataType, name: str) -> pa.ChunkedArray:
+        """A kept column in the job's output type (a safe cast: no value may change)."""
+        if col.type == want:
+            return col
+        try:
+            return col.cast(want)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            where = self.cfg.keep_types_from or "the job's first input file"
+            raise pa.ArrowInvalid(
+                f"column {name!r} is {col.type} in this file but {want} in {where}, which sets the job's output "
+                f"schema, and its values do not convert ({first}); write {name!r} with one type in every input "
+                "file, or leave it out of id/passthrough") from None
 
     def _entry(self, task: ShardTask, res: ShardResult) -> dict[str, Any]:
         s = task.shard

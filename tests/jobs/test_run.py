@@ -213,6 +213,37 @@ def test_corrupt_and_wrong_type_shards_fail_alone(ray_cluster, tiny_model, tmp_p
     assert len(_by_input(part)) == 5 and (part / "_SUCCESS").exists()
 
 
+def test_outputs_of_one_job_share_one_schema(ray_cluster, tiny_model, tmp_path, capsys):
+    """Shards whose kept columns differ in type (a hive key that one file also holds as a column, int32 in
+    one file and int64 in the other) are written in the first file's types, so the outputs read as one
+    dataset; a value that does not convert fails its shard alone, naming the column and the fix."""
+    import pyarrow.dataset as ds
+
+    t = write_shards(tmp_path / "tmp", [10, 9, 8])
+    (tmp_path / "in" / "k=1").mkdir(parents=True)
+    (tmp_path / "in" / "k=2").mkdir()
+    (tmp_path / "in" / "k=3").mkdir()
+    pq.write_table(t[0], tmp_path / "in" / "k=1" / "a.parquet")  # k only in the path: a string
+    pq.write_table(t[1].append_column("k", pa.array([2] * 9, pa.int64()))  # k in the file too, and n as int32
+                   .set_column(4, "n", pa.array(range(9), pa.int32())), tmp_path / "in" / "k=2" / "b.parquet")
+    pq.write_table(t[2].set_column(4, "n", pa.array(["abc"] * 8)), tmp_path / "in" / "k=3" / "c.parquet")
+    f = write_jobs(tmp_path / "jobs.yaml", {"a": job(tiny_model, "in", "out", passthrough=["lang", "k", "n"],
+                                                     runtime={"workers": 1, "max_attempts": 2})})
+    assert run_cli(f, date=DATE) == 3
+    part = tmp_path / "out" / f"dt={DATE}"
+    outs = _by_input(part)
+    assert sorted(outs) == ["a.parquet", "b.parquet"]
+    assert outs["a.parquet"].schema.field("k").type == outs["b.parquet"].schema.field("k").type == pa.string()
+    assert outs["b.parquet"].schema.field("n").type == pa.int64()
+    whole = ds.dataset(part, format="parquet").to_table()  # one schema: the dataset reads every file
+    assert whole.num_rows == 19 and sorted(set(whole["k"].to_pylist())) == ["1", "2"]
+    out, err = capsys.readouterr()
+    c = str(tmp_path / "in" / "k=3" / "c.parquet")
+    assert f"FAILED a: {c}: bad input (ArrowInvalid): column 'n' is string in this file but int64 in " in out
+    assert str(tmp_path / "in" / "k=1" / "a.parquet") in out and "leave it out of id/passthrough" in out
+    assert "retrying" not in err
+
+
 def test_outputs_of_shards_gone_from_the_input_are_retired(ray_cluster, tiny_model, tmp_path, capsys):
     """Upstream compacts two shards into one: the rerun scores the new shard and removes the two outputs
     whose input is gone, so the partition holds each row once; a failed run leaves them and says so."""
