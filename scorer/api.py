@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from scorer.batching import collate, graph_bucket, grid_layout, pack, pad_packed, plan_batches, plan_packed
+from scorer.batching import GRAPH_TOKENS, collate, graph_bucket, grid_layout, pack, pad_packed, plan_batches, plan_packed
 from scorer.model.config import LlamaConfig
 from scorer.model.heads import POOLINGS, ScoringModel, activate, finish_embedding
 from scorer.model.llama import (
@@ -137,10 +137,12 @@ class Scorer:
         attention_kernel (packed path): "flash" (flash attention varlen), "cudnn" (cuDNN's fused attention
         over the batch's rows right-padded into a grid, `GRID_MAX_SLOTS` permitting; on a CPU, SDPA over
         that grid) or "auto": cuDNN on Hopper GPUs, where it is about twice as fast, flash elsewhere.
-        cuda_graphs (packed path on CUDA): small batches (up to GRAPH_TOKENS[-1] tokens and GRAPH_ROWS[-1] rows)
-        are padded to a bucket shape and replayed from a CUDA graph captured once per shape
-        (scorer.model.graphs), which removes the host's launch time that bounds them; "auto" is on wherever
-        the packed path runs on CUDA, True insists, False never."""
+        cuda_graphs (packed path on CUDA): small batches (up to GRAPH_TOKENS[-1] tokens, and never more than
+        max_batch_tokens, in fewer than GRAPH_ROWS[-1] rows) are padded to a bucket shape and replayed from a
+        CUDA graph captured at the bucket's first batch (scorer.model.graphs), which removes the host's launch
+        time that bounds them; a bucket is kept only where its replay is measured faster than the eager
+        forward, and replayed batches run flash attention varlen whatever attention_kernel says. "auto" is
+        on wherever the packed path runs on CUDA, True insists, False never."""
         self.model, self.cfg, self.tokenizer, self.settings, self.device = model, cfg, tokenizer, settings, device
         self.dtype = _parse_dtype(settings.dtype)
         self.pad_id = self._pad_id()
@@ -176,6 +178,7 @@ class Scorer:
             raise ValueError("cuda_graphs=True needs the packed path on a CUDA device "
                              f"(here: {'packed' if self.packed else 'padded'} on {device})")
         self._graphs = PackedGraphs(model.model, device) if graphable and cuda_graphs else None
+        self._graph_tokens = tuple(t for t in GRAPH_TOKENS if t <= settings.max_batch_tokens)  # never past the budget
         log.info("scorer CUDA graphs for small batches: %s", "on" if self._graphs is not None else "off")
 
     @classmethod
@@ -260,14 +263,15 @@ class Scorer:
         # trace that saw them equal may take them for one size (duck sizing) and retrace on every other row
         # These run without CUDA graphs: they trace the eager paths the batches too large for a graph take.
         # A graph's bucket is captured at its first batch (one eager forward and one capture of that size).
-        graphs, self._graphs = self._graphs, None
-        try:
-            for row_lengths in ((32, 32), (48, 48, 48), (40, 17), (60, 20, 20), (45,), (61,), (17,), (33,), (1,)):
-                self.score_encoded(Encoded.from_ids(
-                    [rng.integers(4, self.cfg.vocab_size, min(n, self.settings.max_length)).tolist()
-                     for n in row_lengths]))
-        finally:
-            self._graphs = graphs
+        with self._lock:
+            graphs, self._graphs = self._graphs, None
+            try:
+                for row_lengths in ((32, 32), (48, 48, 48), (40, 17), (60, 20, 20), (45,), (61,), (17,), (33,), (1,)):
+                    self._score(Encoded.from_ids(
+                        [rng.integers(4, self.cfg.vocab_size, min(n, self.settings.max_length)).tolist()
+                         for n in row_lengths]))
+            finally:
+                self._graphs = graphs
         self.last_stats = ScoreStats()
 
     # -- tokenizing (CPU, thread-safe) ------------------------------------------------------------
@@ -324,7 +328,8 @@ class Scorer:
             for part in plan(lengths, s.max_batch_tokens, s.max_rows):
                 lg = e = None
                 b = pack(enc.ids, valid[part]) if self.packed else None
-                bucket = graph_bucket(b.lengths) if b is not None and self._graphs is not None else None
+                bucket = (graph_bucket(b.lengths, self._graph_tokens)
+                          if b is not None and self._graphs is not None else None)
                 graphed = self._graphed(b, bucket, classify, embed) if bucket and self._graphs.wants(bucket) else None
                 if graphed is not None:  # a small batch, replayed from its bucket's CUDA graph
                     lg, e = graphed
@@ -383,7 +388,14 @@ class Scorer:
         rows_emb = self._host_embeddings(bp.input_ids)
         bp = bp.to(self.device)
         keep = self.model.keep_index(bp.input_ids, classify, embed, s.pooling, cu_seqlens=bp.cu_seqlens)
-        hidden = self._graphs.run(bp, rows_emb, keep)
+
+        def baseline():  # the eager forward this batch would otherwise take, timed once at the bucket's capture
+            br = b.to(self.device)
+            kr = self.model.keep_index(br.input_ids, classify, embed, s.pooling, cu_seqlens=br.cu_seqlens)
+            er = self._host_embeddings(b.input_ids)
+            return lambda: self._forward_packed(br, er, kr)
+
+        hidden = self._graphs.run(bp, rows_emb, keep, baseline)
         if hidden is None:
             return None
         rows, n = len(b.lengths), b.real_tokens

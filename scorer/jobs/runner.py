@@ -241,7 +241,7 @@ def _worker_config(j: LoadedJob, run_id: str, device: str) -> WorkerConfig:
         job_name=j.name, run_id=run_id, model=j.model, task=job.task, device=device, dtype=job.runtime.dtype,
         batching=job.batching.model_dump(), labels=job.labels.model_dump(), text=j.text,
         keep=keep, filter=job.filter, input=j.input, partition=j.partition, compression=job.output.compression,
-        keep_types=types, keep_types_from=j.input_schema_from,
+        keep_types=types, keep_types_from=j.input_schema_from, cuda_graphs=job.runtime.cuda_graphs,
     )
 
 

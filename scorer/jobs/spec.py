@@ -15,7 +15,7 @@ jobs:
     filter: lang == "en" and len(body) > 0   # optional, see scorer.jobs.expr
     output: {uri: s3://lake/scored/reviews, partition: "dt={date}"}   # or just the URI
     batching: {max_batch_tokens: 16384, max_rows: 256, max_length: 512, truncation_side: right, chunk_rows: 8192}
-    runtime: {workers: 8, device: auto, dtype: bfloat16, shards_in_flight: 2, max_attempts: 3}
+    runtime: {workers: 8, device: auto, dtype: bfloat16, shards_in_flight: 2, max_attempts: 3, cuda_graphs: true}
     labels: {threshold: 0.5, return_logits: false, embedding_dtype: float16, dimensions: 256}
     storage: {endpoint: "http://127.0.0.1:8333", region: us-east-1, anonymous: false}
 ```
@@ -99,6 +99,8 @@ class Runtime(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs a CPU worker reserves (device cpu)")
     shards_in_flight: int = Field(2, ge=1, le=4, description="shards queued per actor (2 overlaps read and score)")
     max_attempts: int = Field(3, ge=1, description="tries per shard before it is reported failed")
+    cuda_graphs: bool = Field(True, description="replay small batches from CUDA graphs (Scorer's cuda_graphs); "
+                                                "false runs every batch eagerly")
 
 
 class Labels(_Strict):

@@ -94,6 +94,7 @@ class WorkerConfig:
     # hold as a column, int32 here and int64 there) still read as one dataset
     keep_types: dict[str, Any] = field(default_factory=dict)
     keep_types_from: str | None = None
+    cuda_graphs: bool = True  # runtime.cuda_graphs: small batches from CUDA graphs where they pay
 
 
 class ShardWorker:
@@ -111,9 +112,10 @@ class ShardWorker:
             max_batch_tokens=b["max_batch_tokens"], max_rows=b["max_rows"], truncation_side=b["truncation_side"],
             pooling=lab["pooling"], normalize=lab["normalize"], dimensions=lab["dimensions"],
             threshold=lab["threshold"], return_logits=lab["return_logits"],
+            cuda_graphs="auto" if cfg.cuda_graphs else False,
         )
         t0 = time.perf_counter()
-        self.scorer.warmup()  # kernels compiled, crossovers measured, graphs traced before the first shard
+        self.scorer.warmup()  # kernels compiled, crossovers measured, torch.compile traces made before the first shard
         self.warmup_seconds = time.perf_counter() - t0
         self.fingerprint = self.scorer.fingerprint
         self.filter, filter_cols = compile_filter(cfg.filter) if cfg.filter else (None, [])

@@ -8,9 +8,10 @@ call. Graph shapes are fixed, so a batch is first padded to its bucket (`batchin
 the graph replayed; the caller reads the real rows' outputs and drops the pad rows'.
 
 What a capture relies on, and how it is kept:
-  * no host sync and no first-use work inside the capture: each bucket runs once eagerly (on a side
-    stream, as torch.cuda.graph asks) before it is captured, so torch.compile traces the shape, the 4-bit
-    layers measure their crossovers and build their launch plans, and the 4-bit scratch exists;
+  * no host sync and no first-use work inside the capture: each bucket runs once eagerly, on the caller's
+    stream, before it is captured on this instance's own capture stream (on the model's device), so
+    torch.compile traces the shape, the 4-bit layers measure their crossovers and build their launch plans,
+    and the 4-bit scratch exists; one capture runs at a time in the process;
   * the buffers a graph writes outlive it: its static inputs and output are held by the entry, its
     intermediates live in one memory pool shared by all buckets (they never run concurrently: one stream,
     one Scorer lock), and the 4-bit scratch buffers it was captured with are referenced too, so a later
@@ -19,12 +20,17 @@ What a capture relies on, and how it is kept:
     of every row it can hold; cuDNN's grid has per-batch shapes.
 A graph pays only while the host is what a batch waits on: past a few hundred tokens (an 8B model; more
 for a smaller one, fewer for a larger) the GPU is, and then the unpadded eager forward (with cuDNN's
-attention on Hopper) is faster than the padded replay. So each capture is timed against the eager forward
-of the same padded tensors, and a bucket whose replay does not save KEEP_RATIO of it is dropped and runs
-eagerly from then on: measured per model and GPU, not a token limit guessed for one of them.
+attention on Hopper) is faster than the padded replay. So each capture is timed against what the caller would
+run instead (the eager forward of the unpadded batch, `run`'s baseline), and a bucket whose replay does
+not save KEEP_RATIO of it is dropped and runs eagerly from then on: measured per model and GPU, not a
+token limit guessed for one of them.
 
-A failed capture turns graphs off for this model (logged) and the batch runs eagerly: the forward has no
-side effects, so nothing is lost or scored twice.
+A failed capture turns graphs off for this model (logged; the graphs and their memory are released), one
+that runs out of memory sends its bucket to the eager path, and the batch runs eagerly: the forward has no
+side effects, so nothing is lost or scored twice. A capture that CUDA invalidated (a host sync inside it,
+which no path of this model's forward makes: the GPU tests capture them all) can leave state behind that
+fails later GPU work in the process (tests/model/test_model_gpu.py runs that case in a process of its own),
+so the warning says to restart with cuda_graphs=False.
 
 `PackedGraphs(..., capture=False)` keeps the buckets, the static tensors and the copies but runs the forward
 eagerly on them instead of replaying: that is how the CPU tests check everything but the capture itself.
@@ -33,7 +39,9 @@ eagerly on them instead of replaying: that is how the CPU tests check everything
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +66,9 @@ class _Entry:
     held: list  # 4-bit scratch buffers the capture wrote into (kept alive with the graph)
 
 
+_capture_lock = threading.Lock()  # one capture at a time in the process (torch.cuda.graph's own rule)
+
+
 class PackedGraphs:
     """Captured forwards of `model.forward_packed`, keyed by (tokens, rows, kept tokens, inputs_embeds)."""
 
@@ -65,6 +76,7 @@ class PackedGraphs:
         self.model, self.device, self.capture = model, device, capture
         self.entries: dict[tuple, _Entry] = {}
         self.pool = None  # torch.cuda.graph_pool_handle(), at the first capture
+        self.stream: torch.cuda.Stream | None = None  # this instance's capture stream, on `device`
         self.on = True
         self.eager: set[tuple[int, int]] = set()  # (tokens, rows) buckets measured faster without a graph
 
@@ -75,17 +87,21 @@ class PackedGraphs:
         """Whether a batch of this (tokens, rows) bucket should go to `run`."""
         return self.on and bucket not in self.eager
 
-    def run(self, b: PackedBatch, emb: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:
+    def run(self, b: PackedBatch, emb: torch.Tensor | None, keep: torch.Tensor | None,
+            baseline: Callable[[], object] | None = None) -> torch.Tensor | None:
         """The backbone's output for padded batch `b` (device tensors) by replay: (len(keep), H), or (tokens,
         H) without keep. The tensor is the graph's own output, valid until the next replay. None when
-        graphs are off (a capture failed) or its bucket has just been measured faster eagerly."""
+        graphs are off (a capture failed) or its bucket has just been measured faster eagerly.
+        baseline: called once when the bucket is captured, it prepares and returns what the caller would
+        run instead (the eager forward of the unpadded batch), which is timed against the replay; without
+        it, the eager forward of `b` itself is."""
         if not self.on:
             return None
         tokens, rows = int(b.input_ids.shape[0]), len(b.lengths)
         key = (tokens, rows, None if keep is None else int(keep.shape[0]), emb is not None)
         e = self.entries.get(key)
         if e is None:
-            e = self._capture(key, b, emb, keep)
+            e = self._capture(key, b, emb, keep, baseline)
             if e is None:
                 return None
         e.ids.copy_(b.input_ids, non_blocking=True)
@@ -104,8 +120,8 @@ class PackedGraphs:
     def _forward(self, ids, pos, cu, emb, keep, tokens: int) -> torch.Tensor:
         return self.model.forward_packed(ids, pos, Packed(cu, tokens), emb, keep)
 
-    def _capture(self, key: tuple, b: PackedBatch, emb: torch.Tensor | None,
-                 keep: torch.Tensor | None) -> _Entry | None:
+    def _capture(self, key: tuple, b: PackedBatch, emb: torch.Tensor | None, keep: torch.Tensor | None,
+                 baseline: Callable[[], object] | None) -> _Entry | None:
         tokens = key[0]
         ids, pos, cu = b.input_ids.clone(), b.position_ids.clone(), b.cu_seqlens.clone()
         emb_s = None if emb is None else emb.clone()
@@ -114,32 +130,39 @@ class PackedGraphs:
             e = self.entries[key] = _Entry(None, ids, pos, cu, emb_s, keep_s, ids, [])
             return e
         t0 = time.perf_counter()
-        try:
-            cur = torch.cuda.current_stream(self.device)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(cur)
-            with torch.cuda.stream(side):  # first-use work (traces, crossovers, plans, scratch) out of capture
-                self._forward(ids, pos, cu, emb_s, keep_s, tokens)
-            cur.wait_stream(side)
-            if self.pool is None:
+        with _capture_lock, torch.cuda.device(self.device):
+            cur = torch.cuda.current_stream()
+            # first-use work (traces, crossovers, launch plans, the 4-bit scratch) runs here, eagerly and on
+            # the caller's stream (a side stream would run 4-bit layers beside other work on the shared scratch)
+            self._forward(ids, pos, cu, emb_s, keep_s, tokens)
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(self.device)
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                out = self._forward(ids, pos, cu, emb_s, keep_s, tokens)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - any capture failure: run eagerly from now on
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            log.warning("CUDA graph capture of a %d-token, %d-row batch failed (%s): this Scorer runs small "
-                        "batches eagerly from now on (cuda_graphs=False skips graphs from the start)",
-                        tokens, key[1], first)
-            self.on = False
-            return None
-        from scorer.kernels import int4
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                    out = self._forward(ids, pos, cu, emb_s, keep_s, tokens)
+            except Exception as err:  # noqa: BLE001 - any capture failure: eager from now on (see below)
+                torch.cuda.set_stream(cur)  # torch.cuda.graph leaves its capture stream current when capture_end fails
+                del graph
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                if isinstance(err, torch.OutOfMemoryError):  # this bucket only; its memory goes back
+                    self.eager.add(key[:2])
+                    torch.cuda.empty_cache()
+                    log.warning("CUDA graph capture of %d tokens in %d rows ran out of memory; they run eagerly",
+                                tokens, key[1])
+                    return None
+                log.warning("CUDA graph capture of %d tokens in %d rows failed (%s): this Scorer runs small "
+                            "batches eagerly from now on. A failed capture can leave CUDA state behind that breaks "
+                            "later GPU work in this process: restart it with cuda_graphs=False (jobs.yaml: "
+                            "runtime.cuda_graphs: false) and report the message above", tokens, key[1], first)
+                self.off()
+                return None
+            from scorer.kernels import int4
 
-        held = [t for s in int4._scratch.values() for t in (s.buf, s.counters) if t is not None]
-        t_eager = self._timed(lambda: self._forward(ids, pos, cu, emb_s, keep_s, tokens))
-        t_graph = self._timed(graph.replay)
+            held = [t for s in int4._scratch.values() for t in (s.buf, s.counters) if t is not None]
+            t_eager = self._timed(baseline() if baseline else lambda: self._forward(ids, pos, cu, emb_s, keep_s, tokens))
+            t_graph = self._timed(graph.replay)
         took = 1e3 * (time.perf_counter() - t0)
         if t_graph > KEEP_RATIO * t_eager:
             self.eager.add(key[:2])
@@ -154,7 +177,13 @@ class PackedGraphs:
                  took, len(self.entries))
         return e
 
-    def _timed(self, fn, reps: int = 2) -> float:
+    def off(self) -> None:
+        """No graphs from now on; the captured ones and their memory are released."""
+        self.on = False
+        self.entries.clear()
+        self.pool = self.stream = None
+
+    def _timed(self, fn, reps: int = 3) -> float:
         best = float("inf")
         for _ in range(reps):
             torch.cuda.synchronize(self.device)

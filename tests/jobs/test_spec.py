@@ -271,3 +271,16 @@ def test_s3_storage_options_and_credentials_never_printed(s3, tiny_model, tmp_pa
     printed = out + "".join(capfd.readouterr())
     for secret in (*keys, "wrong-secret-0xdeadbeef"):
         assert secret not in printed
+
+
+def test_worker_config_carries_the_output_types_and_cuda_graphs(lake, tiny_model):
+    """What the actors get from the validated job: the id/passthrough types of the first input file (every
+    output is written in them) and runtime.cuda_graphs."""
+    from scorer.jobs.runner import _worker_config
+
+    f = write_jobs(lake / "jobs.yaml", {"a": job(tiny_model, "in", "out", passthrough=["lang", "n"]),
+                                        "b": job(tiny_model, "in", "out2", runtime={"cuda_graphs": False})})
+    a, b = load_and_check(f, date="2026-11-23")
+    ca, cb = _worker_config(a, "r", "cpu"), _worker_config(b, "r", "cpu")
+    assert ca.keep == ("id", "lang", "n") and ca.keep_types == {"id": pa.string(), "lang": pa.string(), "n": pa.int64()}
+    assert ca.keep_types_from == a.shards[0].uri and ca.cuda_graphs is True and cb.cuda_graphs is False

@@ -74,10 +74,11 @@ def _graphed(path, **kw):
 def test_graphed_path_scores_as_the_eager_one(make_dir, task, pooling):
     path = make_dir(num_labels=4)
     texts = TEXTS * 3 + ["<pad> inside <pad>", "x", None, ""]
-    kw = dict(task=task, pooling=pooling, return_logits=True, max_batch_tokens=90, max_rows=6)
+    kw = dict(task=task, pooling=pooling, return_logits=True, max_batch_tokens=128, max_rows=6)
     graphed, eager = _graphed(path, **kw), Scorer.from_pretrained(path, device="cpu", attention="packed", **kw)
     a, b = graphed.score(texts), eager.score(texts)
     assert len(graphed._graphs) >= 2, "several buckets"
+    assert all(key[0] <= 128 for key in graphed._graphs.entries), "no replay past max_batch_tokens"
     assert graphed.last_stats.batches == eager.last_stats.batches > 2
     assert graphed.last_stats.padded_tokens > graphed.last_stats.real_tokens == eager.last_stats.real_tokens
     assert a["error"].to_pylist() == b["error"].to_pylist()
@@ -113,3 +114,12 @@ def test_cuda_graphs_option_is_checked(make_dir):
     with pytest.raises(ValueError, match="needs the packed path on a CUDA device"):
         Scorer.from_pretrained(path, device="cpu", cuda_graphs=True)
     assert Scorer.from_pretrained(path, device="cpu", attention="packed")._graphs is None  # auto: CUDA only
+
+
+def test_warmup_traces_the_eager_paths_and_keeps_the_graphs(make_dir):
+    s = _graphed(make_dir())
+    graphs = s._graphs
+    s.warmup()
+    assert s._graphs is graphs and len(graphs) == 0  # warmup's batches ran eagerly
+    s.score(TEXTS)
+    assert len(graphs) == 1
