@@ -262,7 +262,7 @@ class Scorer:
         # The grid rows' lengths are not multiples of 16, so a row's length and its grid's width differ: a
         # trace that saw them equal may take them for one size (duck sizing) and retrace on every other row
         # These run without CUDA graphs: they trace the eager paths the batches too large for a graph take.
-        # A graph's bucket is captured at its first batch (one eager forward and one capture of that size).
+        # A graph's bucket is captured at its first batch (a few forwards of that size, once).
         with self._lock:
             graphs, self._graphs = self._graphs, None
             try:
@@ -382,7 +382,8 @@ class Scorer:
     def _graphed(self, b: Any, bucket: tuple[int, int], classify: bool, embed: bool
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
         """(logits, embeddings) of packed batch `b` (host) through the CUDA graph of its bucket, or None when
-        graphs are off (a capture failed): the caller then runs the batch eagerly."""
+        graphs are off (a capture failed) or the bucket was just measured faster eagerly: the caller then runs
+        the batch eagerly."""
         s = self.settings
         bp = pad_packed(b, *bucket, self.pad_id)
         rows_emb = self._host_embeddings(bp.input_ids)

@@ -114,7 +114,8 @@ class PackedGraphs:
         if e.graph is None:
             e.out = self._forward(e.ids, e.pos, e.cu, e.emb, e.keep, tokens)
         else:
-            e.graph.replay()
+            with torch.cuda.device(self.device):  # the graph's device, whatever device is current (cuda:N)
+                e.graph.replay()
         return e.out
 
     def _forward(self, ids, pos, cu, emb, keep, tokens: int) -> torch.Tensor:
