@@ -24,12 +24,11 @@ in its mainloop.
 from __future__ import annotations
 
 import argparse
-import warnings
 import importlib.util
-import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -196,12 +195,7 @@ def main() -> int:
         del lin, lin_s, w, ws, wss, dense, ds
         torch.cuda.empty_cache()
     md = markdown(small, large, nop_us, device, a.alone)
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ceilings.json").write_text(json.dumps({"device": device, "nop_us": nop_us, "small": small,
-                                                       "large": large}, indent=1))
-        (out / "ceilings.md").write_text(md + "\n")
+    bench.save_results(a.out, "ceilings", {"device": device, "nop_us": nop_us, "small": small, "large": large}, md)
     print(md)
     return 0
 

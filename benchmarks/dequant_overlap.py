@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from int4 import SHAPES, alone_time, gpu_time, interleaved, quant_layer, rotated  # noqa: E402  (benchmarks/int4.py)
+from int4 import SHAPES, alone_time, gpu_time, interleaved, quant_layer, rotated, save_results  # noqa: E402  (benchmarks/int4.py)
 from scorer.kernels import int4 as k4  # noqa: E402
 
 
@@ -181,10 +181,7 @@ def main() -> int:
         rows += bench(k, n, ms, args.alone)
         print(f"{k}x{n} done ({time.time() - t0:.0f} s)", flush=True)
     md = markdown(rows, torch.cuda.get_device_name())
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "dequant_overlap.json").write_text(json.dumps(rows, indent=1))
-        (Path(args.out) / "dequant_overlap.md").write_text(md + "\n")
+    save_results(args.out, "dequant_overlap", rows, md)
     print(md)
     return 0
 

@@ -112,6 +112,15 @@ def interleaved(fn_lists: dict[str, list], rounds: int = 5) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def save_results(out: str | None, name: str, data, md: str) -> None:
+    """NAME.json (data) and NAME.md (the printed markdown) under `out`, when it is given (the device's $OUT)."""
+    if out:
+        d = Path(out)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{name}.json").write_text(json.dumps(data, indent=1))
+        (d / f"{name}.md").write_text(md + "\n")
+
+
 def quant_layer(k: int, n: int, dtype=torch.float16, act_order: bool = True) -> Int4Linear:
     from model_check import random_gptq
 
@@ -294,12 +303,7 @@ def main() -> int:
         model = model_check.run(layers=args.layers, timing=True)
         print(json.dumps(model), flush=True)
     md = markdown(rows, infos, model, device)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "int4_bench.json").write_text(json.dumps({"device": device, "rows": rows, "dequant": infos,
-                                                         "model": model}, indent=1))
-        (out / "int4_bench.md").write_text(md + "\n")
+    save_results(args.out, "int4_bench", {"device": device, "rows": rows, "dequant": infos, "model": model}, md)
     print(md)
     return 0
 
