@@ -339,13 +339,7 @@ class Scorer:
                     b = b.to(self.device)
                     keep = self.model.keep_index(b.input_ids, classify, embed, s.pooling, cu_seqlens=b.cu_seqlens)
                     hidden = self._forward_packed(b, rows_emb, keep)
-                    if keep is not None:
-                        lg, e = self._outputs_of_kept(hidden, classify, embed)
-                    else:
-                        if classify:
-                            lg = self.model.logits_packed(hidden, b.input_ids, b.cu_seqlens)
-                        if embed:
-                            e = self.model.embed_packed(hidden, b.cu_seqlens, s.pooling, s.normalize, s.dimensions)
+                    lg, e = self._packed_outputs(hidden, keep is not None, b.input_ids, b.cu_seqlens, classify, embed)
                 else:
                     b = collate(enc.ids, valid[part], self.pad_id)
                     rows_emb = self._host_embeddings(b.input_ids)
@@ -404,10 +398,21 @@ class Scorer:
             parts = int(classify) + int(embed)
             idx = torch.arange(rows, device=self.device)
             idx = torch.cat([idx + p * bucket[1] for p in range(parts)]) if parts > 1 else idx
-            return self._outputs_of_kept(hidden[idx], classify, embed)
-        real, ids, cu = hidden[:n], bp.input_ids[:n], bp.cu_seqlens[: rows + 1]
-        lg = self.model.logits_packed(real, ids, cu) if classify else None
-        e = self.model.embed_packed(real, cu, s.pooling, s.normalize, s.dimensions) if embed else None
+            hidden = hidden[idx]
+        else:  # (bucket tokens, H): the real rows' tokens come first
+            hidden = hidden[:n]
+        return self._packed_outputs(hidden, keep is not None, bp.input_ids[:n], bp.cu_seqlens[: rows + 1],
+                                    classify, embed)
+
+    def _packed_outputs(self, hidden: torch.Tensor, kept: bool, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                        classify: bool, embed: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits, embeddings) of a packed batch from its backbone output: the kept tokens' hidden states
+        (kept), or every token's (N, H) with the batch's ids and cu_seqlens."""
+        if kept:
+            return self._outputs_of_kept(hidden, classify, embed)
+        s = self.settings
+        lg = self.model.logits_packed(hidden, input_ids, cu_seqlens) if classify else None
+        e = self.model.embed_packed(hidden, cu_seqlens, s.pooling, s.normalize, s.dimensions) if embed else None
         return lg, e
 
     def _forward_packed(self, b: Any, rows_emb: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
