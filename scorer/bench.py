@@ -265,9 +265,14 @@ def random_scorer(shape: str, v: Variant, max_batch_tokens: int, layers: int | N
                 p.fill_(1.0)
             elif p.dtype.is_floating_point and not name.endswith("scales"):
                 p.normal_(0.0, 0.02, generator=gen)
-        for mod in model.modules():
+        orders: dict[tuple[str, str], torch.Tensor] = {}  # one act-order g_idx per input, as GPTQ writes them
+        for name, mod in model.named_modules():
             if hasattr(mod, "prepare") and hasattr(mod, "qweight"):
-                fill_random_gptq(mod, gen)
+                parent, proj = name.rsplit(".", 1)
+                key = (parent, {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(proj, proj))
+                if key not in orders:
+                    orders[key] = random_g_idx(mod.g_idx.shape[0], 128, gen)
+                fill_random_gptq(mod, gen, orders[key])
                 mod.prepare(torch.bfloat16)
     model.eval()
     if v.host_embeddings:
@@ -284,16 +289,21 @@ def random_scorer(shape: str, v: Variant, max_batch_tokens: int, layers: int | N
                   cuda_graphs="auto" if v.graphs else False)
 
 
-def fill_random_gptq(mod: torch.nn.Module, gen: torch.Generator) -> None:
-    """Random codes, zeros and scales (W std ~0.02) and an act-order g_idx, as a GPTQ file would hold."""
-    K = mod.g_idx.shape[0]
+def random_g_idx(k: int, group_size: int, gen: torch.Generator) -> torch.Tensor:
+    """An act-order g_idx: rows taken in a random order, group_size at a time."""
+    perm = torch.randperm(k, device="cuda", generator=gen)
+    g_idx = torch.empty(k, dtype=torch.int32, device="cuda")
+    g_idx[perm] = (torch.arange(k, device="cuda") // group_size).to(torch.int32)
+    return g_idx
+
+
+def fill_random_gptq(mod: torch.nn.Module, gen: torch.Generator, g_idx: torch.Tensor | None = None) -> None:
+    """Random codes, zeros and scales (W std ~0.02) and an act-order g_idx (`g_idx`, or a random one), as
+    a GPTQ file would hold. Projections of one input share theirs in real checkpoints (one Hessian)."""
     mod.qweight.copy_(torch.randint(-(2**31), 2**31 - 1, mod.qweight.shape, device="cuda", generator=gen, dtype=torch.int64).to(torch.int32))
     mod.qzeros.fill_(0x77777777)  # symmetric z = 8, stored v1-style as z - 1 = 7 in each nibble
     mod.scales.copy_((0.004 + 0.002 * torch.rand(mod.scales.shape, device="cuda", generator=gen)).half())
-    perm = torch.randperm(K, device="cuda", generator=gen)
-    g_idx = torch.empty(K, dtype=torch.int32, device="cuda")
-    g_idx[perm] = (torch.arange(K, device="cuda") // 128).to(torch.int32)
-    mod.g_idx.copy_(g_idx)
+    mod.g_idx.copy_(random_g_idx(mod.g_idx.shape[0], 128, gen) if g_idx is None else g_idx)
     if getattr(mod, "bias", None) is not None:
         mod.bias.zero_()
 

@@ -125,6 +125,18 @@ class Int4Weight:
     def dtype(self) -> torch.dtype:
         return self.scales.dtype
 
+    def sequential(self) -> "Int4Weight":
+        """This layer for an x whose columns are already in sequential order (gathered by the caller,
+        where a compiled graph fuses the gather into the kernel that produces x): the same tensors
+        without perm, with their own measured choices and plans. Itself when there is no perm."""
+        if self.perm is None:
+            return self
+        seq = self.__dict__.get("_seq")
+        if seq is None:
+            seq = self.__dict__["_seq"] = Int4Weight(self.qweight, self.scales, self.qzeros, None, self.bias,
+                                                     self.k, self.n, self.group16)
+        return seq
+
     @property
     def n_groups(self) -> int:
         return self.scales.shape[0]

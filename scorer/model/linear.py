@@ -13,7 +13,10 @@ Int4Linear life cycle (what the loader does):
      activation dtype (fp32 keeps fp16 scales: its W is the checkpoint's fp16 W, widened); the CUDA
      kernels' tile layout; the backend chosen once and logged.
   4. forward: the cuda backend calls `int4.matmul` directly when eager, and the `scorer::int4_matmul`
-     torch op (the same call) when torch.compile traces it, so a compiled decoder layer stays one graph.
+     torch op (the same call) when torch.compile traces it, so a compiled decoder layer stays one graph;
+     there, for the projections right behind a norm (`gather_in_graph`), the act-order gather of x runs
+     in torch just before the op, where inductor fuses it into the norm's kernel.
+  5. `fuse_projections` (scorer.model.llama) may then replace q/k/v and gate/up by one `concat` each.
 After prepare the buffers hold the prepared form (`qweight` in the backend's layout, `qzeros` as true
 zeros, `scales` in the activation dtype, `g_idx` in sequential order, `perm`), so the module's memory is
 the 4-bit weight plus small per-group tensors.
@@ -46,7 +49,7 @@ def make_linear(
     return Int4Linear(in_features, out_features, bias, quant)
 
 
-def _log_once(msg: str, *args) -> None:
+def log_once(msg: str, *args) -> None:
     text = msg % args
     if text not in _logged:
         _logged.add(text)
@@ -73,6 +76,11 @@ class Int4Linear(nn.Module):
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32))
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16) if bias else None)
         self.register_buffer("perm", None, persistent=False)
+        # set by the model where x comes straight from an RMSNorm (q/k/v, gate/up): under torch.compile
+        # the act-order gather then runs in torch before the op, and inductor fuses it into the norm's
+        # kernel. Elsewhere (o after attention, down after SwiGLU) it would be a gather of its own, which
+        # at large m costs more than the dequant path's scatter of W rows, so the op keeps it.
+        self.gather_in_graph = False
         self.dtype: torch.dtype | None = None  # the activation dtype, once prepared
         self.backend: str | None = None  # "cuda" or "reference", once prepared
         self._w = None  # scorer.kernels.int4.Int4Weight for the cuda backend
@@ -141,7 +149,7 @@ class Int4Linear(nn.Module):
             backend = "cuda" if ok else "reference"
         else:
             why = f"device {dev}"
-        _log_once("Int4Linear backend %s on %s for %s: %s", backend, dev, dtype, why)
+        log_once("Int4Linear backend %s on %s for %s: %s", backend, dev, dtype, why)
 
         # W rounds once to the activation dtype from scales in that dtype; fp32 runs carry the checkpoint's
         # own fp16 W exactly (fp16 scales, fp16 product, then widened), so fp32 = the fp16-defined weights
@@ -174,6 +182,115 @@ class Int4Linear(nn.Module):
         if backend == "cuda" and dev.type == "cuda":
             int4.reserve(self._weight())
 
+    @torch.no_grad()
+    def permute_outputs(self, order: torch.Tensor) -> None:
+        """Reorder this prepared layer's output columns in place: new column j is old column order[j]
+        (codes, scales, zeros and bias move together, so each column's values are unchanged). With the
+        next layer's act-order permutation as `order`, this layer writes x in that layer's sequential
+        order and the next one needs no gather (`MLP.fuse`)."""
+        if self.backend is None:
+            raise RuntimeError("Int4Linear.prepare(dtype) must run first")
+        n = self.out_features
+        order = order.to(device=self.qweight.device, dtype=torch.long)
+        if order.shape != (n,):
+            raise ValueError(f"permute_outputs: order must have {n} entries, got {tuple(order.shape)}")
+        zeros = ref.unpack_qzeros(self.qzeros, False)[:, :n][:, order]
+        scales = self.scales[:, :n][:, order]
+        if self.backend == "cuda":
+            k = self.in_features
+            kp, np_ = int4.padded(k, n)
+            codes = int4.unrepack(self.qweight, k, n)
+            tiles = torch.empty_like(self.qweight)
+            for c0 in range(0, n, _COLUMN_CHUNK):  # bounds repack's temporaries, as prepare does
+                blk = int4.repack(codes[:, order[c0 : c0 + _COLUMN_CHUNK]])
+                tiles[c0 // 64 : c0 // 64 + blk.shape[0]] = blk
+            del codes
+            zp = zeros.new_zeros(zeros.shape[0], np_)
+            zp[:, :n] = zeros
+            sp = scales.new_zeros(scales.shape[0], np_)
+            sp[:, :n] = scales
+            self.qweight, self.qzeros, self.scales = tiles, ref.pack_qzeros(zp, v1=False), sp
+        else:
+            self.qweight = self.qweight[:, order].contiguous()
+            self.qzeros, self.scales = ref.pack_qzeros(zeros, v1=False), scales.contiguous()
+        if self.bias is not None:
+            self.bias = self.bias[order].contiguous()
+        self._rebuilt()
+
+    @torch.no_grad()
+    def take_sequential_input(self) -> torch.Tensor | None:
+        """From now on x arrives in this layer's sequential order (the layer before it was permuted by
+        the returned permutation, `permute_outputs`): the act-order gather is dropped. Returns the
+        permutation (None when there was none)."""
+        perm = self.perm
+        if perm is not None:
+            self.perm = None
+            self._rebuilt()
+        return perm
+
+    def _rebuilt(self) -> None:
+        """The buffers changed: a new kernel view, registered, and the scratch sized for it."""
+        self._w = None
+        if self.backend == "cuda" and self.qweight.is_cuda:
+            int4.reserve(self._weight())
+
+    @staticmethod
+    def fusable(parts: tuple[nn.Module, ...]) -> tuple[bool, str]:
+        """(whether `concat` can fuse these prepared layers, why not): one input (in_features), one
+        prepared form (backend, dtype, group size, bias or none) and one act-order permutation. GPTQ
+        quantizes q/k/v (and gate/up) from one Hessian, so real checkpoints share g_idx; layers quantized
+        apart may not, and then each keeps its own permutation and runs alone."""
+        first = parts[0]
+        if not all(type(p) is Int4Linear and p.backend is not None for p in parts):
+            return False, "not all prepared Int4Linear"
+        same = ("in_features", "backend", "dtype", "_group16")
+        if any(getattr(p, a) != getattr(first, a) for p in parts for a in same):
+            return False, "different shapes, backends, dtypes or group sizes"
+        if any((p.bias is None) != (first.bias is None) for p in parts):
+            return False, "some have a bias and some do not"
+        if any((p.perm is None) != (first.perm is None) or (p.perm is not None and not torch.equal(p.perm, first.perm))
+               or not torch.equal(p.g_idx, first.g_idx) for p in parts):
+            return False, "their act-order permutations (g_idx) differ"
+        return True, ""
+
+    @classmethod
+    @torch.no_grad()
+    def concat(cls, parts: tuple["Int4Linear", ...]) -> "Int4Linear":
+        """One prepared Int4Linear whose output is the parts' outputs side by side (their codes, scales,
+        zeros and biases concatenated along out_features; `fusable` must hold). Scores equal the parts':
+        every output column is the same dot product over the same codes."""
+        ok, why = cls.fusable(parts)
+        if not ok:
+            raise ValueError(f"Int4Linear.concat: cannot fuse these layers: {why}")
+        first = parts[0]
+        n = sum(p.out_features for p in parts)
+        out = cls(first.in_features, n, first.bias is not None, first.quant)
+        if first.backend == "cuda":  # tiles (Np/64, Kp/16, 32, 4): column blocks; scales/zeros padded to Np
+            k = first.in_features
+            _, np_ = int4.padded(k, n)
+            if all(p.out_features % 64 == 0 for p in parts[:-1]):  # whole column blocks (every Llama width)
+                qweight = torch.cat([p.qweight for p in parts])
+            else:  # a part ends inside a column block: the codes back out and tiled again
+                qweight = int4.repack(torch.cat([int4.unrepack(p.qweight, k, p.out_features) for p in parts], dim=1))
+            scales = torch.cat([p.scales[:, : p.out_features] for p in parts], dim=1)
+            zeros = torch.cat([ref.unpack_qzeros(p.qzeros, False)[:, : p.out_features] for p in parts], dim=1)
+            sp = scales.new_zeros(scales.shape[0], np_)
+            sp[:, :n] = scales
+            zp = zeros.new_zeros(zeros.shape[0], np_)
+            zp[:, :n] = zeros
+            scales, qzeros = sp, ref.pack_qzeros(zp, v1=False)
+        else:  # packed (K/8, N) codes, (G, N/8) zeros, (G, N) scales
+            qweight = torch.cat([p.qweight for p in parts], dim=1)
+            qzeros = torch.cat([p.qzeros for p in parts], dim=1)
+            scales = torch.cat([p.scales for p in parts], dim=1)
+        out.qweight, out.qzeros, out.scales = qweight, qzeros, scales
+        out.g_idx, out.perm, out.gather_in_graph = first.g_idx, first.perm, first.gather_in_graph
+        out.bias = None if first.bias is None else torch.cat([p.bias for p in parts])
+        out.dtype, out.backend, out._group16 = first.dtype, first.backend, first._group16
+        if out.backend == "cuda" and qweight.is_cuda:
+            int4.reserve(out._weight())
+        return out
+
     def _weight(self):
         """The kernels' view of this layer (built once, registered for the op; see _apply)."""
         if self._w is None:
@@ -181,6 +298,7 @@ class Int4Linear(nn.Module):
                                       self.in_features, self.out_features, self._group16)
             self._w.check()
             int4.register(self._w)
+            int4.register(self._w.sequential())  # the op's calls with x gathered beforehand (forward)
         return self._w
 
     def _apply(self, fn, *args, **kwargs):
@@ -215,11 +333,19 @@ class Int4Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.backend == "cuda":
-            # traced: one opaque op in the layer's graph; eager on CUDA: the same function without the
-            # dispatcher's few us (a short batch of an 8B model makes 224 of these calls)
-            y = (int4.linear(x2, self._weight()) if self.qweight.is_cuda and not torch.compiler.is_compiling() else
-                 torch.ops.scorer.int4_matmul(x2, self.qweight, self.scales, self.qzeros, self.perm, self.bias,
-                                              self.in_features, self.out_features, self._group16))
+            if self.qweight.is_cuda and not torch.compiler.is_compiling():
+                # eager on CUDA: the op's function without the dispatcher's few us (a short batch of an 8B
+                # model makes 128-224 of these calls); the act-order gather is the kernels' own launch
+                y = int4.linear(x2, self._weight())
+            else:
+                # traced: one opaque op in the layer's graph. Behind a norm (gather_in_graph) the
+                # act-order gather of x's columns runs before it, in torch, so inductor fuses it into the
+                # norm's kernel: the op sees x in sequential order and gemv is one launch fewer.
+                perm = self.perm
+                if perm is not None and self.gather_in_graph and self.in_features % 16 == 0:  # else the op pads K
+                    x2, perm = x2.index_select(1, perm), None
+                y = torch.ops.scorer.int4_matmul(x2, self.qweight, self.scales, self.qzeros, perm, self.bias,
+                                                 self.in_features, self.out_features, self._group16)
         else:
             y = self._reference_forward(x2)
         return y.view(*lead, self.out_features)

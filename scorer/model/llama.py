@@ -37,8 +37,11 @@ residual, MLP and the final norm on the kept tokens only: 88% of the last layer'
 32-layer model's. Scorer passes the tokens its heads read (ScoringModel.keep_index); mean pooling keeps
 every token.
 
-Fused projections: `fuse_projections(model)` concatenates q/k/v and gate/up of dense layers into one
-linear each (one large GEMM instead of three or two); the per-token math is unchanged.
+Fused projections: `fuse_projections(model)` concatenates q/k/v and gate/up into one linear each (one
+large GEMM instead of three or two); the per-token math is unchanged. 4-bit layers fuse when they share
+one act-order permutation, as GPTQ writes them (one Hessian per input); otherwise they stay apart. Under
+act-order, gate's and up's output columns are first put in down's sequential order, so down reads
+SwiGLU's output with no gather.
 
 RoPE scaling (see transformers' modeling_rope_utils): `linear` divides the frequencies by `factor`;
 `llama3` rescales the low frequencies and smooths the band between; `dynamic` (NTK) raises the base when
@@ -57,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scorer.model.config import LlamaConfig
-from scorer.model.linear import make_linear
+from scorer.model.linear import Int4Linear, log_once, make_linear
 
 
 class RMSNorm(nn.Module):
@@ -243,6 +246,13 @@ def varlen_supported(cfg: LlamaConfig, device: torch.device, dtype: torch.dtype)
     return True, "flash attention varlen over packed rows"
 
 
+def _behind_norm(*projections: nn.Module) -> None:
+    """These 4-bit projections read an RMSNorm's output (see Int4Linear.gather_in_graph)."""
+    for p in projections:
+        if isinstance(p, Int4Linear):
+            p.gather_in_graph = True
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -251,6 +261,7 @@ class Attention(nn.Module):
         self.k_proj = make_linear(h, nkv * d, bias, cfg.quant, dtype)
         self.v_proj = make_linear(h, nkv * d, bias, cfg.quant, dtype)
         self.o_proj = make_linear(nh * d, h, bias, cfg.quant, dtype)
+        _behind_norm(self.q_proj, self.k_proj, self.v_proj)
         self.qkv_proj: nn.Linear | None = None  # set by fuse()
         self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, d
         self.scale = d**-0.5
@@ -288,11 +299,12 @@ class Attention(nn.Module):
         return self.o_proj(_rows(y.transpose(1, 2).reshape(B, T, nh * d), keep))
 
     def fuse(self) -> None:
-        """One (q|k|v) linear instead of three, when all three are dense."""
-        parts = (self.q_proj, self.k_proj, self.v_proj)
-        if self.qkv_proj is None and all(type(p) is nn.Linear for p in parts):
-            self.qkv_proj = concat_linears(parts)
-            del self.q_proj, self.k_proj, self.v_proj
+        """One (q|k|v) linear instead of three (see `concat_linears`)."""
+        if self.qkv_proj is None:
+            fused = concat_linears((self.q_proj, self.k_proj, self.v_proj), "q/k/v")
+            if fused is not None:
+                self.qkv_proj = fused
+                del self.q_proj, self.k_proj, self.v_proj
 
 
 class MLP(nn.Module):
@@ -302,6 +314,7 @@ class MLP(nn.Module):
         self.gate_proj = make_linear(h, m, bias, cfg.quant, dtype)
         self.up_proj = make_linear(h, m, bias, cfg.quant, dtype)
         self.down_proj = make_linear(m, h, bias, cfg.quant, dtype)
+        _behind_norm(self.gate_proj, self.up_proj)
         self.gate_up_proj: nn.Linear | None = None  # set by fuse()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -312,18 +325,39 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
     def fuse(self) -> None:
-        """One (gate|up) linear instead of two, when both are dense."""
-        if self.gate_up_proj is None and type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:
-            self.gate_up_proj = concat_linears((self.gate_proj, self.up_proj))
-            del self.gate_proj, self.up_proj
+        """One (gate|up) linear instead of two (see `concat_linears`). Before that, under act-order, gate's
+        and up's output columns are put in down's sequential order (`Int4Linear.permute_outputs`), so
+        SwiGLU's output reaches down already gathered: one launch fewer at small m, and at large m the
+        static dequant path instead of the row scatter."""
+        parts = [getattr(self, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if all(type(p) is Int4Linear and p.backend is not None for p in parts) and parts[2].perm is not None:
+            order = parts[2].take_sequential_input()
+            parts[0].permute_outputs(order)
+            parts[1].permute_outputs(order)
+        if self.gate_up_proj is None:
+            fused = concat_linears((self.gate_proj, self.up_proj), "gate/up")
+            if fused is not None:
+                self.gate_up_proj = fused
+                del self.gate_proj, self.up_proj
 
 
-def concat_linears(parts: tuple[nn.Module, ...]) -> nn.Linear:
-    """nn.Linear whose output is the parts' outputs side by side (weights concatenated along out).
+def concat_linears(parts: tuple[nn.Module, ...], what: str = "") -> nn.Module | None:
+    """One linear whose output is the parts' outputs side by side, or None where they cannot fuse.
 
-    Keeping the fused weight transposed for cuBLAS's NN layout was measured and made no difference in the
-    compiled model (43,605 vs 43,623 tokens/s; benchmarks/RESULTS.md), so it stays nn.Linear.
+    Dense parts: an nn.Linear with the weights concatenated along out. Keeping the fused weight transposed
+    for cuBLAS's NN layout was measured and made no difference in the compiled model (43,605 vs 43,623
+    tokens/s; benchmarks/RESULTS.md), so it stays nn.Linear. 4-bit parts: `Int4Linear.concat`, when they
+    share an act-order permutation (GPTQ's q/k/v and gate/up do: one Hessian each); otherwise they stay
+    apart, which is logged once.
     """
+    if all(type(p) is Int4Linear for p in parts):
+        ok, why = Int4Linear.fusable(parts)
+        if not ok:
+            log_once("4-bit %s projections stay separate linears: %s", what or "parallel", why)
+            return None
+        return Int4Linear.concat(parts)
+    if not all(type(p) is nn.Linear for p in parts):
+        return None
     w = torch.cat([p.weight for p in parts], dim=0)
     bias = parts[0].bias is not None
     out = nn.Linear(w.shape[1], w.shape[0], bias=bias, device=w.device, dtype=w.dtype)
@@ -356,7 +390,7 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> None:
 
 
 def fuse_projections(model: nn.Module) -> None:
-    """Fuse q/k/v and gate/up of every dense decoder layer in place (4-bit layers stay as they are)."""
+    """Fuse q/k/v and gate/up of every decoder layer in place (4-bit ones when `Int4Linear.fusable`)."""
     for mod in list(model.modules()):
         if isinstance(mod, (Attention, MLP)):
             mod.fuse()

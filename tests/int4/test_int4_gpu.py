@@ -20,9 +20,9 @@ DTYPES = [torch.float16, torch.bfloat16]
 SHAPES = [(4160, 1096), (200, 136), (96, 40), (1024, 4104)]  # (K, N)
 
 
-def layer_on_gpu(k, n, gs, *, v1, sym, act, dtype, bias=False):
-    """(Int4Linear prepared on cuda, the hand-packed Layer)."""
-    case = make_layer(k, n, gs, v1=v1, sym=sym, act_order=act, bias=bias)
+def layer_on_gpu(k, n, gs, *, v1, sym, act, dtype, bias=False, case=None):
+    """(Int4Linear prepared on cuda, the hand-packed Layer: `case`, or a new one)."""
+    case = case or make_layer(k, n, gs, v1=v1, sym=sym, act_order=act, bias=bias)
     qc = QuantConfig(bits=4, group_size=gs, desc_act=act, sym=sym, checkpoint_format="gptq" if v1 else "gptq_v2")
     with torch.device("meta"):
         lin = Int4Linear(k, n, bias, qc)
@@ -245,21 +245,29 @@ def test_op_on_cuda_equals_eager_and_the_plain_torch_kernel(bias):
         y = torch.ops.scorer.int4_matmul(*args)
         assert torch.equal(y, lin(x))
         assert_close_rel(y, int4.reference_matmul(*args).float(), torch.bfloat16)
+        # x gathered beforehand (a compiled layer's act-order path): the op runs the perm-less view
+        seq = (x.index_select(1, lin.perm), *args[1:4], None, *args[5:])
+        ys = torch.ops.scorer.int4_matmul(*seq)
+        assert_close_rel(ys, int4.reference_matmul(*args).float(), torch.bfloat16)
     torch.library.opcheck(torch.ops.scorer.int4_matmul.default, args)
 
 
-def test_compiled_4bit_model_is_one_graph_a_layer_and_equals_eager(tmp_path):
+@pytest.mark.parametrize("shared", [False, True])
+def test_compiled_4bit_model_is_one_graph_a_layer_and_equals_eager(tmp_path, shared):
     """Inductor-compiled 4-bit layers: no graph break at the linears, nothing compiled after warmup, and
-    the same probabilities as the eager 4-bit model."""
+    the same probabilities as the eager 4-bit model. shared: q/k/v and gate/up share their act-order
+    order, as GPTQ writes them, and run fused, with the gathers of x fused into the kernels before them."""
     from scorer import Scorer
     from scorer.api import Encoded
+    from scorer.model.linear import Int4Linear
     from test_int4_model import quantized_pair
 
-    qdir, _ = quantized_pair(tmp_path, 32, True, True, True)
+    qdir, _ = quantized_pair(tmp_path, 32, True, True, True, shared)
     torch._dynamo.reset()
     kw = dict(device="cuda", dtype="bfloat16", max_batch_tokens=200)
     eager = Scorer.from_pretrained(qdir, compile=False, cuda_graphs=False, **kw)
     sc = Scorer.from_pretrained(qdir, compile=True, **kw)
+    assert sum(isinstance(m, Int4Linear) for m in sc.model.modules()) == sc.cfg.num_layers * (4 if shared else 7)
     torch._dynamo.utils.counters.clear()
     sc.warmup()
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
@@ -273,3 +281,27 @@ def test_compiled_4bit_model_is_one_graph_a_layer_and_equals_eager(tmp_path):
                                        atol=2e-2, rtol=0)
     assert not torch._dynamo.utils.counters["graph_break"]
     assert sc._graphs is not None and sc._graphs.on and len(sc._graphs) > 0, "small batches replay CUDA graphs"
+
+
+
+@pytest.mark.parametrize("act", [True, False])
+def test_concat_on_cuda_equals_the_parts(act):
+    """q|k|v fused by Int4Linear.concat (whole column blocks, and parts that end inside one) scores as its
+    parts at every path's m: gemv, gemm_tiles and dequant + cuBLAS."""
+    import dataclasses
+
+    from scorer.model.linear import Int4Linear
+
+    for ns in ((1024, 256, 256), (1000, 200, 256)):
+        cases = [make_layer(512, n, 128, v1=True, sym=False, act_order=act, bias=True) for n in ns]
+        g = cases[0].g_idx  # one input, one act-order order
+        cases = [dataclasses.replace(c, g_idx=g, ckpt={**c.ckpt, "g_idx": torch.from_numpy(g.copy())}) for c in cases]
+        parts = tuple(layer_on_gpu(512, n, 128, v1=True, sym=False, act=act, dtype=torch.bfloat16, bias=True,
+                                   case=c)[0] for n, c in zip(ns, cases))
+        fused = Int4Linear.concat(parts)
+        assert fused.backend == "cuda" and (fused.perm is not None) == act
+        assert torch.equal(fused.dequantized_weight(), torch.cat([p.dequantized_weight() for p in parts]))
+        for m in (1, 5, 16, 40, 300):
+            x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+            assert_close_rel(fused(x), torch.cat([p(x) for p in parts], dim=1).float(), torch.bfloat16)
+

@@ -21,12 +21,15 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "Debian", "数据 湖 �
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def rtn_gptq(w: np.ndarray, gs: int, act: bool, v1: bool, gen) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Round-to-nearest asym GPTQ of an nn.Linear weight (N, K): (checkpoint tensors, dequantized (N, K))."""
+def rtn_gptq(w: np.ndarray, gs: int, act: bool, v1: bool, gen,
+             order: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Round-to-nearest asym GPTQ of an nn.Linear weight (N, K): (checkpoint tensors, dequantized (N, K)).
+    Under act-order the columns are taken in `order` (a random one if not given)."""
     n, k = w.shape
     gsz = k if gs == -1 else gs
     g = -(-k // gsz)
-    order = gen.permutation(k) if act else np.arange(k)
+    if order is None:
+        order = gen.permutation(k) if act else np.arange(k)
     g_idx = np.empty(k, dtype=np.int32)
     g_idx[order] = np.arange(k) // gsz
     wt = w.T  # (K, N)
@@ -49,18 +52,30 @@ def rtn_gptq(w: np.ndarray, gs: int, act: bool, v1: bool, gen) -> tuple[dict[str
     return ck, deq.T
 
 
-def quantized_pair(tmp: Path, gs: int, act: bool, v1: bool, bias: bool) -> tuple[Path, Path]:
-    """(GPTQ model dir, dense model dir with the dequantized weights) from one tiny random classifier."""
+# projections that read one input; GPTQ quantizes each group from one Hessian, so under act-order they
+# share one column order (g_idx) in real checkpoints
+INPUT_OF = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o", "gate_proj": "mlp",
+            "up_proj": "mlp", "down_proj": "down"}
+
+
+def quantized_pair(tmp: Path, gs: int, act: bool, v1: bool, bias: bool, shared: bool = False) -> tuple[Path, Path]:
+    """(GPTQ model dir, dense model dir with the dequantized weights) from one tiny random classifier.
+    shared: projections of one input share an act-order column order, as GPTQ writes them; otherwise
+    every projection has its own."""
     src = tiny.make_model(tmp / "src", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, num_labels=3,
                           attention_bias=bias, mlp_bias=bias)
     state = load_file(str(src / "model.safetensors"))
     gen = rng()
-    qstate, dstate = {}, {}
+    qstate, dstate, orders = {}, {}, {}
     for name, t in state.items():
         if name.endswith(".weight") and name.split(".")[-2] in PROJ:
             base = name[: -len(".weight")]
-            ck, deq = rtn_gptq(t.float().numpy(), gs, act, v1, gen)
+            order = None
+            if act and shared:
+                key = (base.rsplit(".", 2)[0], INPUT_OF[name.split(".")[-2]])
+                order = orders.setdefault(key, gen.permutation(t.shape[1]))
+            ck, deq = rtn_gptq(t.float().numpy(), gs, act, v1, gen, order)
             for key, arr in ck.items():
                 qstate[f"{base}.{key}"] = torch.from_numpy(np.ascontiguousarray(arr))
             dstate[name] = torch.from_numpy(np.ascontiguousarray(deq.astype(np.float32)))
@@ -84,12 +99,21 @@ def quantized_pair(tmp: Path, gs: int, act: bool, v1: bool, bias: bool) -> tuple
     return dirs[0], dirs[1]
 
 
-@pytest.mark.parametrize("gs,act,v1,bias", [(32, True, True, True), (-1, False, False, False), (64, False, True, False)])
-def test_gptq_model_scores_equal_dense_dequantized(tmp_path, gs, act, v1, bias):
-    qdir, ddir = quantized_pair(tmp_path, gs, act, v1, bias)
+@pytest.mark.parametrize("gs,act,v1,bias,shared", [(32, True, True, True, False), (32, True, False, True, True),
+                                                   (-1, False, False, False, False), (64, False, True, False, False)])
+def test_gptq_model_scores_equal_dense_dequantized(tmp_path, gs, act, v1, bias, shared):
+    qdir, ddir = quantized_pair(tmp_path, gs, act, v1, bias, shared)
     q = Scorer.from_pretrained(qdir, device="cpu", dtype="float32", return_logits=True)
     d = Scorer.from_pretrained(ddir, device="cpu", dtype="float32", return_logits=True)
-    assert sum(isinstance(m, Int4Linear) for m in q.model.modules()) == 2 * len(PROJ)
+    # q/k/v and gate/up fuse into one 4-bit linear each when they share a column order (or have none)
+    fused = shared or not act
+    attn = [m for m in q.model.modules() if type(m).__name__ == "Attention"]
+    assert len(attn) == 2 and all((a.qkv_proj is not None) == fused for a in attn)
+    assert all(isinstance(a.qkv_proj if fused else a.q_proj, Int4Linear) for a in attn)
+    assert sum(isinstance(m, Int4Linear) for m in q.model.modules()) == 2 * (4 if fused else len(PROJ))
+    # under act-order gate/up write their outputs in down's sequential order: down needs no gather
+    mlps = [m for m in q.model.modules() if type(m).__name__ == "MLP"]
+    assert all(m.down_proj.perm is None for m in mlps)
     tq, td = q.score(TEXTS), d.score(TEXTS)
     for i in range(len(TEXTS)):
         np.testing.assert_allclose(tq["logits"][i].as_py(), td["logits"][i].as_py(), atol=1e-5, rtol=0)

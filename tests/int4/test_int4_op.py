@@ -8,9 +8,12 @@ warmup."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from int4_cases import all_cases, make_layer, rng
 from scorer import Scorer
@@ -68,15 +71,17 @@ def _batches(vocab: int) -> list[list[list[int]]]:
     return [[g.integers(4, vocab, n).tolist() for n in lens] for lens in shapes]
 
 
-@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
-def test_compiled_4bit_layers_are_one_graph(tmp_path, tiles, kernel):
-    qdir, _ = quantized_pair(tmp_path, 32, True, True, True)
+@pytest.mark.parametrize("kernel,shared", [("cudnn", False), ("flash", False), ("cudnn", True)])
+def test_compiled_4bit_layers_are_one_graph(tmp_path, tiles, kernel, shared):
+    # shared: q/k/v and gate/up share their act-order column order (as GPTQ writes them) and fuse
+    qdir, _ = quantized_pair(tmp_path, 32, True, True, True, shared)
     torch._dynamo.reset()
     kw = dict(device="cpu", dtype="bfloat16", attention="packed", attention_kernel=kernel, compile=False,
               max_batch_tokens=120)
     sc, eager = (Scorer.from_pretrained(qdir, **kw) for _ in range(2))
     lins = [m for m in sc.model.modules() if isinstance(m, Int4Linear)]
     assert lins and all(m.backend == "cuda" for m in lins)
+    assert len(lins) == sc.cfg.num_layers * (4 if shared else 7)
     llama.compile_layers(sc.model, backend="eager")
     torch._dynamo.utils.counters.clear()
     sc.warmup()
@@ -89,3 +94,99 @@ def test_compiled_4bit_layers_are_one_graph(tmp_path, tiles, kernel):
                                        atol=1e-6, rtol=0)
     assert sc.grid == (kernel == "cudnn")
     assert not torch._dynamo.utils.counters["graph_break"]
+
+
+def _sharing_g_idx(cases: list) -> list:
+    """The cases with the first one's g_idx: projections of one input, as GPTQ quantizes them."""
+    g = cases[0].g_idx
+    return [dataclasses.replace(c, g_idx=g, ckpt={**c.ckpt, "g_idx": torch.from_numpy(g.copy())}) for c in cases]
+
+
+@pytest.mark.parametrize("layout", ["reference", "tiles"])
+@pytest.mark.parametrize("act,aligned", [(True, True), (False, True), (True, False)])
+def test_concat_fuses_projections_of_one_input(monkeypatch, layout, act, aligned):
+    monkeypatch.setattr(linear, "TILES_OFF_CUDA", layout == "tiles")
+    dtype = torch.bfloat16 if layout == "tiles" else torch.float32
+    # whole 64-column blocks but the last, or a part that ends inside a block (its codes are tiled again)
+    ns = (128, 64, 72) if aligned else (72, 40, 64)
+    k = 160
+    cases = _sharing_g_idx([make_layer(k, n, 32, v1=True, sym=False, act_order=act, bias=True,
+                                       gen=np.random.default_rng(10 + i)) for i, n in enumerate(ns)])
+    parts = tuple(loaded(c, 32, True, False, act, dtype, bias=True) for c in cases)
+    assert all(p.backend == ("cuda" if layout == "tiles" else "reference") for p in parts)
+    assert (parts[0].perm is not None) == act
+    assert Int4Linear.fusable(parts) == (True, "")
+    fused = llama.concat_linears(parts, "q/k/v")
+    assert type(fused) is Int4Linear and fused.out_features == sum(ns) and fused.backend == parts[0].backend
+    # the same codes, scales and zeros: W bit for bit, and each output column the same dot product
+    assert torch.equal(fused.dequantized_weight(), torch.cat([p.dequantized_weight() for p in parts]))
+    want = torch.cat([c.weight(dtype) for c in cases], dim=1).t()
+    assert torch.equal(fused.dequantized_weight(), want)
+    for m in (1, 7):
+        x = _x(m, k, dtype)
+        tol = dict(rtol=0, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1.3e-6, atol=1e-5)
+        torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=1), **tol)
+    assert fused.weight_bytes() <= sum(p.weight_bytes() for p in parts)
+
+
+def test_layers_that_cannot_fuse_stay_apart(tiles):
+    dtype = torch.bfloat16
+    own = [make_layer(160, 64, 32, v1=False, sym=True, act_order=True, gen=np.random.default_rng(i)) for i in range(2)]
+    parts = tuple(loaded(c, 32, False, True, True, dtype) for c in own)
+    ok, why = Int4Linear.fusable(parts)
+    assert not ok and "permutations" in why  # layers quantized apart: each keeps its own order
+    assert llama.concat_linears(parts, "gate/up") is None
+    with pytest.raises(ValueError, match="cannot fuse"):
+        Int4Linear.concat(parts)
+    dense = nn.Linear(160, 64, dtype=dtype)
+    assert llama.concat_linears((parts[0], dense)) is None
+
+
+@pytest.mark.parametrize("layout", ["reference", "tiles"])
+def test_permute_outputs_moves_whole_columns(monkeypatch, layout):
+    monkeypatch.setattr(linear, "TILES_OFF_CUDA", layout == "tiles")
+    dtype = torch.bfloat16 if layout == "tiles" else torch.float32
+    case = make_layer(160, 200, 32, v1=True, sym=False, act_order=True, bias=True)  # 200: a partial block
+    lin = loaded(case, 32, True, False, True, dtype, bias=True)
+    w, b = lin.dequantized_weight(), lin.bias.clone()
+    x = _x(5, 160, dtype)
+    y = lin(x)
+    order = torch.from_numpy(rng().permutation(200))
+    lin.permute_outputs(order)
+    assert torch.equal(lin.dequantized_weight(), w[order]) and torch.equal(lin.bias, b[order])
+    tol = dict(rtol=0, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1.3e-6, atol=1e-5)
+    torch.testing.assert_close(lin(x), y[:, order], **tol)
+    with pytest.raises(ValueError, match="200 entries"):
+        lin.permute_outputs(order[:-8])
+
+
+def _fx_index_selects(sc) -> list[int]:
+    """index_select nodes in each graph torch.compile traces for the decoder layers (eager backend)."""
+    counts = []
+
+    def backend(gm, example_inputs):
+        counts.append(sum(1 for n in gm.graph.nodes if "index_select" in str(n.target)))
+        return gm.forward
+
+    llama.compile_layers(sc.model, backend=backend)
+    sc.score_encoded(Encoded.from_ids([[5, 6, 7, 8, 9, 10, 11]]))
+    return counts
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_act_order_gathers_in_the_graph_sit_behind_the_norms_only(tmp_path, tiles, shared):
+    """Under torch.compile the projections right behind an RMSNorm gather x's columns in the traced graph
+    (where inductor fuses the gather into the norm's kernel); o_proj keeps the op's own gather and down_proj
+    needs none (gate/up write its sequential order)."""
+    qdir, _ = quantized_pair(tmp_path, 32, True, True, True, shared)
+    torch._dynamo.reset()
+    sc = Scorer.from_pretrained(qdir, device="cpu", dtype="bfloat16", attention="packed", compile=False)
+    counts = _fx_index_selects(sc)
+    behind_norm = 2 if shared else 5  # q|k|v and gate|up fused, or each of q, k, v, gate, up
+    assert counts and all(c == behind_norm for c in counts), counts  # one per layer graph, nothing else
+    mods = [m for m in sc.model.modules() if isinstance(m, Int4Linear)]
+    assert sum(m.gather_in_graph for m in mods) == behind_norm * sc.cfg.num_layers
+    o = [m for n, m in sc.model.named_modules() if n.endswith("o_proj")]
+    down = [m for n, m in sc.model.named_modules() if n.endswith("down_proj")]
+    assert all(m.perm is not None and not m.gather_in_graph for m in o)
+    assert all(m.perm is None for m in down)
