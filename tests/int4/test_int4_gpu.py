@@ -305,3 +305,51 @@ def test_concat_on_cuda_equals_the_parts(act):
             x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
             assert_close_rel(fused(x), torch.cat([p(x) for p in parts], dim=1).float(), torch.bfloat16)
 
+
+def test_gemv_under_programmatic_dependent_launch_equals_plain_launches():
+    """gemv's launches with programmatic stream serialization (each may start before the kernel before it
+    ends, and waits for it before reading or writing) give the bit-identical chain of results of plain
+    launches, eagerly and replayed from a CUDA graph of back-to-back layers (staged x, pieces in the
+    shared scratch)."""
+    from scorer.kernels import int4
+
+    (l0, _), (l1, _) = (layer_on_gpu(k, n, 128, v1=False, sym=True, act=True, dtype=torch.bfloat16, bias=True)
+                        for k, n in ((1024, 4104), (4104, 1024)))
+    w0, w1 = l0._weight(), l1._weight()
+    int4._pdl.decide(w0.qweight.device)
+    if not int4._pdl.on:
+        pytest.skip("no programmatic dependent launch on this GPU or driver")
+
+    def chain(x):
+        outs = []
+        for _ in range(3):  # layer after layer: each gemv reads the previous fix-up's output
+            y = torch.empty(x.shape[0], 4104, device="cuda", dtype=torch.bfloat16)
+            int4.gemv(x, w0, y)
+            x = torch.empty(x.shape[0], 1024, device="cuda", dtype=torch.bfloat16)
+            int4.gemv(y, w1, x)
+            outs += [y, x]
+            x = x * 0.5 + 0.01  # a torch kernel between them too
+        return outs
+
+    try:
+        for m in (1, 7, 16):
+            x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+            pdl = chain(x)
+            int4._pdl.on = False
+            plain = chain(x)
+            int4._pdl.on = True
+            assert all(torch.equal(a, b) for a, b in zip(pdl, plain)), m
+            static = x.clone()
+            chain(static)  # warm: plans, rings
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                outs = chain(static)
+            fresh = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+            static.copy_(fresh)
+            g.replay()
+            int4._pdl.on = False
+            want = chain(fresh)
+            int4._pdl.on = True
+            assert all(torch.equal(a, b) for a, b in zip(outs, want)), m
+    finally:
+        int4._pdl.on = True
