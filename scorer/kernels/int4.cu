@@ -32,23 +32,6 @@ template <> struct Tr<1> {
 };
 static constexpr u32 NEG0 = 0x80008000u;     // -0.0: a * b + (-0) == a * b, sign of zero kept
 
-// Programmatic dependent launch (sm_90+). The small-m kernels (stage_x, gemv, its fix-up) are launched
-// with programmatic stream serialization (scorer.kernels.int4._Launch), so each may start while the kernel
-// before it in the stream finishes. pdl_wait() blocks until that kernel has completed and its writes are
-// visible: every one of them calls it before it reads anything another kernel wrote and before it writes
-// anything. pdl_launch_dependents() lets the next such kernel start. Without the launch attribute (or
-// before sm_90) both are no-ops.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
 template <int DT> __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
   u32 d;
   if constexpr (DT == 0) {
@@ -500,8 +483,6 @@ __global__ void __launch_bounds__(Cfg<MT>::KW * 32)
 // 8 columns a thread, one 16-byte store; one launch instead of torch's index_select (+ pad and copy).
 __global__ void int4_stage_x(const u16* __restrict__ x, const int* __restrict__ perm, u16* __restrict__ xs,
                              int K, int Kp) {
-  pdl_wait();  // x is the previous kernel's output
-  pdl_launch_dependents();
   const int c8 = (blockIdx.x * blockDim.x + threadIdx.x) * 8, m = blockIdx.y;
   if (c8 >= Kp) return;
   const u16* xr = x + (size_t)m * K;
@@ -564,9 +545,6 @@ __global__ void int4_stage_x(const u16* __restrict__ x, const int* __restrict__ 
 #endif
 #ifndef GEMV_PF
 #define GEMV_PF 0  // > 0: also prefetch into L2 the tile this many ahead of the one being fetched
-#endif
-#ifndef GEMV_PDL_PF
-#define GEMV_PDL_PF 16  // tiles of its chunk a warp prefetches into L2 before pdl_wait (16 x 2112 warps: 17 MB)
 #endif
 // Ring 2 (sm_90+: the bulk copy engine): each warp's chunk of tiles is contiguous in memory, so lane 0
 // copies it T3 tiles (T3 * 512 bytes) at a time into an S3-stage ring with one cp.async.bulk per stage,
@@ -633,8 +611,6 @@ __global__ void __launch_bounds__(256) int4_gemv_fix(const float* __restrict__ w
                                                      u16* __restrict__ y, int M, int N, int Np, int KT, int chunk,
                                                      int pmax) {
   constexpr int PIECE = GemvCfg<MT>::PIECE;
-  pdl_wait();  // the pieces are gemv's
-  pdl_launch_dependents();
   const int idx = blockIdx.x * 256 + threadIdx.x;
   const int per_nb = M * 32, nb = idx / per_nb;
   if (nb >= (Np >> 6)) return;
@@ -701,14 +677,6 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
   const int beg = gw * chunk;
   if (beg >= total) return;  // no block-wide barrier below: idle warps may leave
   const int end = min(total, beg + chunk);
-  {  // while the kernel before this one finishes (PDL), pull this warp's first codes into L2: they are
-     // weights, which no kernel writes; x and the pieces wait for pdl_wait
-    const char* p0 = reinterpret_cast<const char*>(wq + (size_t)beg * 32);
-    const int lines = min(end - beg, GEMV_PDL_PF) * 4;  // 128-byte lines, 4 a tile
-    for (int i = lane; i < lines; i += 32) prefetch_l2(p0 + 128 * i);
-  }
-  pdl_wait();
-  pdl_launch_dependents();  // the fix-up may launch now; it waits for this grid to complete
 
   int nb = beg / KT, kt = beg - nb * KT;  // the tile being consumed
   // B fragments: x row 8 mt + g (rows >= M read row M - 1; their outputs are never written)

@@ -493,92 +493,11 @@ class _Launch:
         self.params = (ctypes.c_void_p * len(self.vals))(*[ctypes.addressof(v) for v in self.vals])
         self.params_ptr = ctypes.addressof(self.params)
         self.slots = {a.name: i for i, a in enumerate(args) if isinstance(a, _Slot)}
-        self.cfg = None  # its CUlaunchConfig, under programmatic dependent launch (_PDL)
 
     def __call__(self, stream: int, **ptrs: int) -> None:
         for name, ptr in ptrs.items():
             self.vals[self.slots[name]].value = ptr
-        if _pdl.on:
-            if self.cfg is None:
-                self.cfg = _pdl.config(self.grid, self.block)
-            if _pdl.launch(self.cfg, self.f, stream, self.params_ptr):
-                return
-            # refused (nothing launched): plain launches from now on
         _driver().launchKernel(self.f, *self.grid, self.block, 1, 1, 0, stream, self.params_ptr, 0)
-
-
-class _PDL:
-    """Programmatic dependent launch (sm_90+) for gemv's launches: cuLaunchKernelEx with programmatic
-    stream serialization, so each of stage_x, gemv and its fix-up starts while the kernel before it in the
-    stream finishes. gemv pulls its first codes into L2 in that time (weights: nothing writes them) and
-    every kernel waits (griddepcontrol.wait, int4.cu's pdl_wait) before it reads another kernel's output
-    or writes anything, so stream order holds for every value. CUDA graphs capture the launches as
-    programmatic edges. `on` is decided at the first gemv plan: SCORER_INT4_PDL=0 turns it off, and so do
-    a GPU before sm_90 or a driver without cuLaunchKernelEx."""
-
-    _ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
-
-    def __init__(self) -> None:
-        self.on = False
-        self.decided = False
-        self._fn = None
-        self._cfg = None
-
-    def decide(self, device: torch.device) -> None:
-        if self.decided:
-            return
-        self.decided = True
-        import ctypes
-        import os
-
-        if os.environ.get("SCORER_INT4_PDL", "1") == "0" or torch.cuda.get_device_capability(device) < (9, 0):
-            return
-        try:
-            fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
-        except (OSError, AttributeError) as e:
-            log.info("int4: no programmatic dependent launch (%s)", e)
-            return
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-
-        class Attr(ctypes.Structure):  # CUlaunchAttribute: id, padding to 8, a 64-byte value union
-            _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
-
-        class Config(ctypes.Structure):  # CUlaunchConfig
-            _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
-                        ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(Attr)), ("n_attrs", ctypes.c_uint)]
-
-        attr = Attr()
-        attr.id = self._ATTR_PROGRAMMATIC_STREAM_SERIALIZATION
-        attr.value[0] = 1
-        self._fn, self._attr, self._Config = fn, attr, Config
-        self.on = True
-
-    def config(self, grid: tuple[int, int, int], block: int):
-        """A launch's own CUlaunchConfig (its stream is set at each call, under the plan's lock)."""
-        import ctypes
-
-        cfg = self._Config()
-        cfg.grid[0], cfg.grid[1], cfg.grid[2] = grid
-        cfg.block[0], cfg.block[1], cfg.block[2] = block, 1, 1
-        cfg.attrs = ctypes.pointer(self._attr)
-        cfg.n_attrs = 1
-        return cfg
-
-    def launch(self, cfg, f: int, stream: int, params_ptr: int) -> bool:
-        """Launch with the attribute; False (and off from now on) if the driver refuses it."""
-        import ctypes
-
-        cfg.stream = stream
-        rc = self._fn(ctypes.addressof(cfg), f, params_ptr, None)
-        if rc != 0:
-            self.on = False
-            log.warning("int4: cuLaunchKernelEx refused a programmatic dependent launch (CUresult %d); "
-                        "plain launches from now on", rc)
-        return rc == 0
-
-
-_pdl = _PDL()
 
 
 _cupy_driver = None
@@ -618,7 +537,6 @@ def _gemv_plan(w: Int4Weight, m: int, ring: int) -> _GemvPlan:
     import numpy as np
 
     dev = w.qweight.device
-    _pdl.decide(dev)
     kp, np_ = padded(w.k, w.n)
     nbk, kt = w.qweight.shape[:2]
     stage, part, (chunk, warps, pmax) = _gemv_layout(w, m)
