@@ -1,6 +1,6 @@
 """Where a forward's GPU time goes, by kernel family: scorer variants on a few Llama-3-8B-shaped layers.
 
-    python benchmarks/profile_layers.py [--layers 4] [--tokens 16384] [--variants bf16+compile,int4+compile]
+    python benchmarks/profile_layers.py [--layers 4] [--tokens 16384 | --case 1x16] [--variants bf16+compile,int4+compile]
 
 One packed batch of synthetic lengths (the benchmark's log-normal mix) up to `tokens` real tokens (or, with
 `--plan-batch I`, batch I of the e2e mix as Scorer cuts it, whose rows have nearly one length), two
@@ -34,18 +34,21 @@ def family(name: str) -> str:
     return next((f for f, rx in FAMILIES if rx.search(name)), "other")
 
 
-def profile(spec: str, layers: int, tokens: int, plan_batch: int | None = None) -> dict:
+def profile(spec: str, layers: int, tokens: int, plan_batch: int | None = None, case: str | None = None) -> dict:
     from scorer.api import Encoded
     from scorer.bench import SHAPES, Variant, random_scorer, synthetic_ids, synthetic_lengths
 
     nn_layout = spec.endswith("+nn")  # experiment: dense weights stored (K, N), so nn.Linear runs cuBLAS NN
     v = Variant.parse(spec.removesuffix("+nn"))
-    sc = random_scorer("8b", v, max_batch_tokens=tokens, layers=layers)
+    sc = random_scorer("8b", v, max_batch_tokens=max(tokens, 16384 if case else 0), layers=layers)
     if nn_layout:
         for mod in sc.model.modules():
             if isinstance(mod, torch.nn.Linear):
                 mod.weight.data = mod.weight.data.t().contiguous().t()
-    if plan_batch is None:
+    if case is not None:  # R rows of T tokens each
+        rows, each = (int(v) for v in case.split("x"))
+        keep = np.full(rows, each)
+    elif plan_batch is None:
         lengths = synthetic_lengths(4096)
         keep = lengths[np.cumsum(lengths) <= tokens]  # one batch of about `tokens` random-length rows
     else:  # batch `plan_batch` of the e2e mix as Scorer cuts it: rows of nearly one length
@@ -81,8 +84,10 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--plan-batch", type=int, default=None,
                     help="profile this batch of the e2e mix's plan (sorted rows) instead of random-length rows")
+    ap.add_argument("--case", default=None, help="RxT: R rows of T tokens (a small batch) instead of --tokens")
     args = ap.parse_args()
-    results = [profile(s.strip(), args.layers, args.tokens, args.plan_batch) for s in args.variants.split(",")]
+    results = [profile(s.strip(), args.layers, args.tokens, args.plan_batch, args.case)
+               for s in args.variants.split(",")]
     print(f"# {torch.cuda.get_device_name()}, {args.layers} layers, GPU time of one forward (us)\n")
     fams = ["gemm", "attention", "triton", "int4", "other"]
     print("| variant | tokens | total | " + " | ".join(fams) + " |")
