@@ -35,9 +35,9 @@ def wall_ms(fn) -> float:
 
 def gpu_ms(fn) -> float:
     """GPU-busy time of one call of fn: the union of the intervals of the CUDA kernels and copies
-    torch.profiler sees. A union, not a sum: under programmatic dependent launch a kernel starts before the
-    one it follows has finished (the 4-bit fix-up waits inside its launch while gemv runs), so summed
-    durations would count the overlap twice."""
+    torch.profiler sees. A union, not a sum: kernels that overlap (side streams, or a kernel launched
+    before the one it follows ends, as with programmatic dependent launch, tried in 155a767) would
+    otherwise count twice."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -12,6 +12,7 @@ listed, so two variants can be compared kernel by kernel in one run.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections import defaultdict
@@ -30,6 +31,12 @@ FAMILIES = [  # first match wins
 ]
 
 
+def _case(case: str) -> tuple[int, int]:
+    """"RxT" -> (R rows, T tokens each)."""
+    rows, each = (int(v) for v in case.lower().split("x"))
+    return rows, each
+
+
 def family(name: str) -> str:
     return next((f for f, rx in FAMILIES if rx.search(name)), "other")
 
@@ -40,13 +47,14 @@ def profile(spec: str, layers: int, tokens: int, plan_batch: int | None = None, 
 
     nn_layout = spec.endswith("+nn")  # experiment: dense weights stored (K, N), so nn.Linear runs cuBLAS NN
     v = Variant.parse(spec.removesuffix("+nn"))
-    sc = random_scorer("8b", v, max_batch_tokens=max(tokens, 16384 if case else 0), layers=layers)
+    budget = tokens if case is None else max(tokens, math.prod(_case(case)))  # the whole case in one batch
+    sc = random_scorer("8b", v, max_batch_tokens=budget, layers=layers)
     if nn_layout:
         for mod in sc.model.modules():
             if isinstance(mod, torch.nn.Linear):
                 mod.weight.data = mod.weight.data.t().contiguous().t()
     if case is not None:  # R rows of T tokens each
-        rows, each = (int(v) for v in case.split("x"))
+        rows, each = _case(case)
         keep = np.full(rows, each)
     elif plan_batch is None:
         lengths = synthetic_lengths(4096)

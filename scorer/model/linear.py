@@ -56,6 +56,29 @@ def log_once(msg: str, *args) -> None:
         log.info(text)
 
 
+def _codes_u8(tiles: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """The (K, N) codes of a tile layout as uint8, unpacked _COLUMN_CHUNK columns at a time (unrepack's
+    int32 nibbles of a whole 70B gate/up layer would be ~16x its packed size)."""
+    out = torch.empty(k, n, dtype=torch.uint8, device=tiles.device)
+    step = _COLUMN_CHUNK // 64
+    for b0 in range(0, tiles.shape[0], step):
+        c0 = b0 * 64
+        c1 = min(n, c0 + _COLUMN_CHUNK)
+        out[:, c0:c1] = int4.unrepack(tiles[b0 : b0 + step], k, c1 - c0)
+    return out
+
+
+def _tiles_of(codes_of, k: int, n: int, device: torch.device) -> torch.Tensor:
+    """The tile layout of N columns whose codes `codes_of(c0, c1)` gives (K, c1 - c0) _COLUMN_CHUNK at a
+    time, as prepare repacks (bounds repack's temporaries)."""
+    kp, np_ = int4.padded(k, n)
+    tiles = torch.empty(np_ // 64, kp // 16, 32, 4, dtype=torch.int32, device=device)
+    for c0 in range(0, n, _COLUMN_CHUNK):
+        blk = int4.repack(codes_of(c0, min(n, c0 + _COLUMN_CHUNK)))
+        tiles[c0 // 64 : c0 // 64 + blk.shape[0]] = blk
+    return tiles
+
+
 class Int4Linear(nn.Module):
     """A GPTQ 4-bit linear layer: y = x @ W + bias with W dequantized from 4-bit codes."""
 
@@ -157,14 +180,12 @@ class Int4Linear(nn.Module):
         bias = None if self.bias is None else self.bias.to(dtype)
         if backend == "cuda":
             kp, np_ = int4.padded(k, n)
-            tiles = torch.empty(np_ // 64, kp // 16, 32, 4, dtype=torch.int32, device=dev)
-            for c0 in range(0, n, _COLUMN_CHUNK):
-                q = ref.unpack_qweight(self.qweight[:, c0 : c0 + _COLUMN_CHUNK].contiguous())
-                if perm is not None:
-                    q = q[perm]
-                blk = int4.repack(q)
-                tiles[c0 // 64 : c0 // 64 + blk.shape[0]] = blk
-                del q, blk
+
+            def codes(c0: int, c1: int) -> torch.Tensor:  # sequential rows of columns c0..c1
+                q = ref.unpack_qweight(self.qweight[:, c0:c1].contiguous())
+                return q if perm is None else q[perm]
+
+            tiles = _tiles_of(codes, k, n, dev)
             zp = torch.zeros(zeros.shape[0], np_, dtype=torch.int32, device=dev)
             zp[:, :n] = zeros
             sp = torch.zeros(scales.shape[0], np_, dtype=dtype, device=dev)
@@ -199,11 +220,8 @@ class Int4Linear(nn.Module):
         if self.backend == "cuda":
             k = self.in_features
             kp, np_ = int4.padded(k, n)
-            codes = int4.unrepack(self.qweight, k, n)
-            tiles = torch.empty_like(self.qweight)
-            for c0 in range(0, n, _COLUMN_CHUNK):  # bounds repack's temporaries, as prepare does
-                blk = int4.repack(codes[:, order[c0 : c0 + _COLUMN_CHUNK]])
-                tiles[c0 // 64 : c0 // 64 + blk.shape[0]] = blk
+            codes = _codes_u8(self.qweight, k, n)  # one byte a code: a layer's K x N bytes, not 16x that
+            tiles = _tiles_of(lambda c0, c1: codes[:, order[c0:c1]], k, n, self.qweight.device)
             del codes
             zp = zeros.new_zeros(zeros.shape[0], np_)
             zp[:, :n] = zeros
@@ -264,14 +282,17 @@ class Int4Linear(nn.Module):
             raise ValueError(f"Int4Linear.concat: cannot fuse these layers: {why}")
         first = parts[0]
         n = sum(p.out_features for p in parts)
-        out = cls(first.in_features, n, first.bias is not None, first.quant)
+        with torch.device("meta"):  # its buffers are all replaced below
+            out = cls(first.in_features, n, first.bias is not None, first.quant)
         if first.backend == "cuda":  # tiles (Np/64, Kp/16, 32, 4): column blocks; scales/zeros padded to Np
             k = first.in_features
             _, np_ = int4.padded(k, n)
             if all(p.out_features % 64 == 0 for p in parts[:-1]):  # whole column blocks (every Llama width)
                 qweight = torch.cat([p.qweight for p in parts])
             else:  # a part ends inside a column block: the codes back out and tiled again
-                qweight = int4.repack(torch.cat([int4.unrepack(p.qweight, k, p.out_features) for p in parts], dim=1))
+                codes = torch.cat([_codes_u8(p.qweight, k, p.out_features) for p in parts], dim=1)
+                qweight = _tiles_of(lambda c0, c1: codes[:, c0:c1], k, n, first.qweight.device)
+                del codes
             scales = torch.cat([p.scales[:, : p.out_features] for p in parts], dim=1)
             zeros = torch.cat([ref.unpack_qzeros(p.qzeros, False)[:, : p.out_features] for p in parts], dim=1)
             sp = scales.new_zeros(scales.shape[0], np_)

@@ -331,9 +331,10 @@ class MLP(nn.Module):
         static dequant path instead of the row scatter."""
         parts = [getattr(self, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         if all(type(p) is Int4Linear and p.backend is not None for p in parts) and parts[2].perm is not None:
-            order = parts[2].take_sequential_input()
+            order = parts[2].perm  # dropped from down only once both of its inputs are in its order
             parts[0].permute_outputs(order)
             parts[1].permute_outputs(order)
+            parts[2].take_sequential_input()
         if self.gate_up_proj is None:
             fused = concat_linears((self.gate_proj, self.up_proj), "gate/up")
             if fused is not None:

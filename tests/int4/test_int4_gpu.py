@@ -245,8 +245,10 @@ def test_op_on_cuda_equals_eager_and_the_plain_torch_kernel(bias):
         y = torch.ops.scorer.int4_matmul(*args)
         assert torch.equal(y, lin(x))
         assert_close_rel(y, int4.reference_matmul(*args).float(), torch.bfloat16)
-        # x gathered beforehand (a compiled layer's act-order path): the op runs the perm-less view
+        # x gathered beforehand (a compiled layer's act-order path): the op runs the layer's registered
+        # perm-less view, with its plans and timings (an unregistered one would be planned every call)
         seq = (x.index_select(1, lin.perm), *args[1:4], None, *args[5:])
+        assert int4._live.get(int4._key(*seq[1:])) is lin._weight().sequential()
         ys = torch.ops.scorer.int4_matmul(*seq)
         assert_close_rel(ys, int4.reference_matmul(*args).float(), torch.bfloat16)
     torch.library.opcheck(torch.ops.scorer.int4_matmul.default, args)
@@ -256,7 +258,7 @@ def test_op_on_cuda_equals_eager_and_the_plain_torch_kernel(bias):
 def test_compiled_4bit_model_is_one_graph_a_layer_and_equals_eager(tmp_path, shared):
     """Inductor-compiled 4-bit layers: no graph break at the linears, nothing compiled after warmup, and
     the same probabilities as the eager 4-bit model. shared: q/k/v and gate/up share their act-order
-    order, as GPTQ writes them, and run fused, with the gathers of x fused into the kernels before them."""
+    order, as GPTQ writes them, and run fused, their gathers of x in the traced graph behind the norms."""
     from scorer import Scorer
     from scorer.api import Encoded
     from scorer.model.linear import Int4Linear

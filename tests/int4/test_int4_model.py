@@ -121,11 +121,20 @@ def test_gptq_model_scores_equal_dense_dequantized(tmp_path, gs, act, v1, bias, 
     assert tq["label"].to_pylist() == td["label"].to_pylist()
 
 
-def test_gptq_model_bf16_close_to_dense_bf16(tmp_path):
-    qdir, ddir = quantized_pair(tmp_path, 32, True, True, False)
+@pytest.mark.parametrize("layout,shared", [("reference", False), ("tiles", True), ("tiles", False)])
+def test_gptq_model_bf16_close_to_dense_bf16(tmp_path, monkeypatch, layout, shared):
+    """bf16 against the dense model; "tiles": the kernels' layout (fused, re-ordered for down) through the
+    op's plain-torch kernel, as a GPU runs it."""
+    from scorer.model import linear
+
+    monkeypatch.setattr(linear, "TILES_OFF_CUDA", layout == "tiles")
+    qdir, ddir = quantized_pair(tmp_path, 32, True, True, False, shared)
     q = Scorer.from_pretrained(qdir, device="cpu", dtype="bfloat16")
+    assert all(m.backend == ("cuda" if layout == "tiles" else "reference")
+               for m in q.model.modules() if isinstance(m, Int4Linear))
     d = Scorer.from_pretrained(ddir, device="cpu", dtype="bfloat16")
     tq, td = q.score(TEXTS), d.score(TEXTS)
     diff = max(np.abs(np.array(tq["probs"][i].as_py()) - np.array(td["probs"][i].as_py())).max()
                for i in range(len(TEXTS)))
-    assert diff < 2e-2
+    # bf16 rounding moves these tiny models' probabilities by ~1e-3; a wrong column order by ~2e-2
+    assert diff < 6e-3, diff

@@ -175,9 +175,10 @@ def _fx_index_selects(sc) -> list[int]:
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_act_order_gathers_in_the_graph_sit_behind_the_norms_only(tmp_path, tiles, shared):
-    """Under torch.compile the projections right behind an RMSNorm gather x's columns in the traced graph
-    (where inductor fuses the gather into the norm's kernel); o_proj keeps the op's own gather and down_proj
-    needs none (gate/up write its sequential order)."""
+    """Under torch.compile the projections right behind an RMSNorm gather x's columns in the traced graph,
+    one index_select each (for inductor to fuse into the norm's kernel: the GPU profile shows one
+    `triton_red_fused_..index_select..rsqrt` kernel); o_proj keeps the op's own gather and down_proj needs
+    none (gate/up write its sequential order)."""
     qdir, _ = quantized_pair(tmp_path, 32, True, True, True, shared)
     torch._dynamo.reset()
     sc = Scorer.from_pretrained(qdir, device="cpu", dtype="bfloat16", attention="packed", compile=False)
@@ -190,3 +191,20 @@ def test_act_order_gathers_in_the_graph_sit_behind_the_norms_only(tmp_path, tile
     down = [m for n, m in sc.model.named_modules() if n.endswith("down_proj")]
     assert all(m.perm is not None and not m.gather_in_graph for m in o)
     assert all(m.perm is None for m in down)
+
+
+def test_the_op_finds_a_layers_perm_less_view(tiles):
+    """The op looks a layer up by its tensors: with perm, the layer; with perm=None (x gathered before the
+    op), the layer's one `sequential()` view, which keeps its own plans and timings."""
+    case = make_layer(160, 72, 32, v1=False, sym=True, act_order=True)
+    lin = loaded(case, 32, False, True, True, torch.bfloat16)
+    w = int4.Int4Weight(lin.qweight, lin.scales, lin.qzeros, lin.perm, None, 160, 72, lin._group16)
+    seq = w.sequential()
+    assert seq is w.sequential() and seq.perm is None and seq.qweight is w.qweight
+    int4.register(w)
+    int4.register(seq)
+    args = (lin.qweight, lin.scales, lin.qzeros)
+    assert int4._live.get(int4._key(*args, lin.perm, None, 160, 72, lin._group16)) is w
+    assert int4._live.get(int4._key(*args, None, None, 160, 72, lin._group16)) is seq
+    static = int4.Int4Weight(lin.qweight, lin.scales, lin.qzeros, None, None, 160, 72, lin._group16)
+    assert static.sequential() is static

@@ -194,8 +194,16 @@ def test_round_trip_scores_on_cpu(quantized, model_dir, texts):
     d, _, _ = quantized["g32-actorder-asym"]
     held = texts[300:364]
     src = scorer.Scorer.from_pretrained(model_dir, device="cpu", dtype="float32").score(held)
-    q = scorer.Scorer.from_pretrained(d, device="cpu", dtype="float32").score(held)
+    qs = scorer.Scorer.from_pretrained(d, device="cpu", dtype="float32")
+    q = qs.score(held)
     assert q.column("error").null_count == len(held)
+    # q/k/v (and gate/up) were quantized from one Hessian, so they share one act-order order and load fused
+    from scorer.model.linear import Int4Linear
+
+    attn = [m for m in qs.model.modules() if type(m).__name__ == "Attention"]
+    mlp = [m for m in qs.model.modules() if type(m).__name__ == "MLP"]
+    assert attn and all(isinstance(a.qkv_proj, Int4Linear) and a.qkv_proj.perm is not None for a in attn)
+    assert mlp and all(isinstance(m.gate_up_proj, Int4Linear) and m.down_proj.perm is None for m in mlp)
     labels_src, labels_q = src.column("label").to_pylist(), q.column("label").to_pylist()
     agree = sum(a == b for a, b in zip(labels_src, labels_q)) / len(held)
     diff = (torch.tensor(src.column("probs").to_pylist()) - torch.tensor(q.column("probs").to_pylist())).abs().max()
