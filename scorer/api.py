@@ -41,7 +41,7 @@ from scorer.model.llama import (
     Grid, Packed, compile_layers, cudnn_attention_available, fuse_projections, grid_supported, varlen_supported,
 )
 from scorer.model.graphs import PackedGraphs
-from scorer.model.load import TextEncoder, _parse_dtype, load_model, weight_files
+from scorer.model.load import TextEncoder, _parse_dtype, load_model, pad_token_id, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Scorer:
         on wherever the packed path runs on CUDA, True insists, False never."""
         self.model, self.cfg, self.tokenizer, self.settings, self.device = model, cfg, tokenizer, settings, device
         self.dtype = _parse_dtype(settings.dtype)
-        self.pad_id = self._pad_id()
+        self.pad_id = pad_token_id(cfg, tokenizer)
         self.last_stats = ScoreStats()
         self._lock = threading.Lock()
         self._fingerprint: str | None = None
@@ -561,18 +561,6 @@ class Scorer:
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self.cfg.path, self.settings.scored())
         return self._fingerprint
-
-    def _pad_id(self) -> int:
-        """The id padded slots carry (they are masked out: any id in the vocabulary works). The config's
-        pad_token_id where it is one; configs that say -1 or an id past the vocabulary get another. The
-        classifier-token rule keeps the config's value (heads.classifier_token_index)."""
-        if self.cfg.pad_token_id is not None and 0 <= self.cfg.pad_token_id < self.cfg.vocab_size:
-            return self.cfg.pad_token_id
-        for tok in ("<pad>", "<|finetune_right_pad_id|>", "[PAD]"):
-            tid = self.tokenizer.token_to_id(tok) if self.tokenizer is not None else None
-            if tid is not None and 0 <= tid < self.cfg.vocab_size:  # an added token may lie past the table
-                return tid
-        return 0  # any id works for padding columns: they are masked out
 
 
 def _as_list(texts: Any) -> list:

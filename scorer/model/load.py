@@ -222,6 +222,20 @@ def load_tokenizer(path: str | Path, max_length: int, truncation_side: str = "ri
     return tok
 
 
+def pad_token_id(cfg, tokenizer) -> int:
+    """The id padded slots carry (they are masked out: any id in the vocabulary works). The config's
+    pad_token_id where it is one; configs that say -1 or an id past the vocabulary get the tokenizer's pad
+    token (`tokenizer`: anything with token_to_id, or None), else 0. The classifier-token rule keeps the
+    config's own value (heads.classifier_token_index)."""
+    if cfg.pad_token_id is not None and 0 <= cfg.pad_token_id < cfg.vocab_size:
+        return cfg.pad_token_id
+    for tok in ("<pad>", "<|finetune_right_pad_id|>", "[PAD]"):
+        tid = tokenizer.token_to_id(tok) if tokenizer is not None else None
+        if tid is not None and 0 <= tid < cfg.vocab_size:  # an added token may lie past the table
+            return tid
+    return 0
+
+
 class TextEncoder:
     """tokenizer.json -> token ids with the post-processor's BOS/EOS, truncated to `max_length`, and
     whether each row was truncated. Thread-safe (the tokenizer is never changed after construction).

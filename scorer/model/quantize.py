@@ -85,7 +85,7 @@ def quantize_model(
     """Quantize `model_dir` into `out_dir`, calibrated on `texts`, reported on `heldout`; returns the report."""
     from scorer.api import resolve_device
     from scorer.model.heads import activate
-    from scorer.model.load import load_model, load_tokenizer
+    from scorer.model.load import load_model, load_tokenizer, pad_token_id
     from scorer.model.llama import attention_mask_4d, rope_cos_sin, rope_inv_freq
 
     t0 = time.time()
@@ -103,7 +103,7 @@ def quantize_model(
         raise QuantizeError(str(e)) from e
     model, cfg = _load_source(model_dir, load_model)
     _check_shapes(cfg)
-    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None and 0 <= cfg.pad_token_id < cfg.vocab_size else 0
+    pad_id = pad_token_id(cfg, tok)  # the rule Scorer pads with
 
     inv_freq = rope_inv_freq(cfg).to(dev)
     embed = model.model.embed_tokens

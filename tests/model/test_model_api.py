@@ -12,6 +12,7 @@ import torch
 
 from tiny import TEXTS
 from scorer.api import Scorer
+from scorer.model.load import pad_token_id
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +224,9 @@ def test_pad_token_id_outside_the_vocabulary(make_dir):
                                np.array(packed.score(texts)["logits"].to_pylist()), atol=1e-5, rtol=0)
     sc = Scorer.from_pretrained(make_dir(pad_token_id=None), device="cpu", attention="padded")
     sc.tokenizer.token_to_id = lambda tok: sc.cfg.vocab_size if tok == "<pad>" else None  # added past the table
-    assert sc._pad_id() == 0
+    assert pad_token_id(sc.cfg, sc.tokenizer) == 0
+    sc.tokenizer.token_to_id = lambda tok: 7 if tok == "[PAD]" else None
+    assert pad_token_id(sc.cfg, sc.tokenizer) == 7 and pad_token_id(sc.cfg, None) == 0
 
 
 def test_batch_limits_and_devices_are_checked_at_load(make_dir):
