@@ -79,6 +79,16 @@ def _tiles_of(codes_of, k: int, n: int, device: torch.device) -> torch.Tensor:
     return tiles
 
 
+def _tile_groups(zeros: torch.Tensor, scales: torch.Tensor, n: int, np_: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qzeros, scales) of the tile layout from true zeros and scales (G, >= n): their first n columns,
+    zero past them up to Np (the padded column block), the zeros packed 8 a word."""
+    zp = zeros.new_zeros(zeros.shape[0], np_)
+    zp[:, :n] = zeros[:, :n]
+    sp = scales.new_zeros(scales.shape[0], np_)
+    sp[:, :n] = scales[:, :n]
+    return ref.pack_qzeros(zp, v1=False), sp
+
+
 class Int4Linear(nn.Module):
     """A GPTQ 4-bit linear layer: y = x @ W + bias with W dequantized from 4-bit codes."""
 
@@ -179,18 +189,14 @@ class Int4Linear(nn.Module):
         scales = self.scales if dtype == torch.float32 else self.scales.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         if backend == "cuda":
-            kp, np_ = int4.padded(k, n)
+            _, np_ = int4.padded(k, n)
 
             def codes(c0: int, c1: int) -> torch.Tensor:  # sequential rows of columns c0..c1
                 q = ref.unpack_qweight(self.qweight[:, c0:c1].contiguous())
                 return q if perm is None else q[perm]
 
-            tiles = _tiles_of(codes, k, n, dev)
-            zp = torch.zeros(zeros.shape[0], np_, dtype=torch.int32, device=dev)
-            zp[:, :n] = zeros
-            sp = torch.zeros(scales.shape[0], np_, dtype=dtype, device=dev)
-            sp[:, :n] = scales
-            qweight, qzeros, scales = tiles, ref.pack_qzeros(zp, v1=False), sp
+            qweight = _tiles_of(codes, k, n, dev)
+            qzeros, scales = _tile_groups(zeros, scales, n, np_)
         else:
             q = ref.unpack_qweight(self.qweight)
             qweight = ref.pack_qweight(q if perm is None else q[perm])
@@ -200,8 +206,7 @@ class Int4Linear(nn.Module):
         self.perm = None if perm is None else perm.to(torch.int32)
         self.bias = bias
         self.dtype, self.backend, self._group16 = dtype, backend, group16
-        if backend == "cuda" and dev.type == "cuda":
-            int4.reserve(self._weight())
+        self._rebuilt()
 
     @torch.no_grad()
     def permute_outputs(self, order: torch.Tensor) -> None:
@@ -219,15 +224,10 @@ class Int4Linear(nn.Module):
         scales = self.scales[:, :n][:, order]
         if self.backend == "cuda":
             k = self.in_features
-            kp, np_ = int4.padded(k, n)
             codes = _codes_u8(self.qweight, k, n)  # one byte a code: a layer's K x N bytes, not 16x that
-            tiles = _tiles_of(lambda c0, c1: codes[:, order[c0:c1]], k, n, self.qweight.device)
+            self.qweight = _tiles_of(lambda c0, c1: codes[:, order[c0:c1]], k, n, self.qweight.device)
             del codes
-            zp = zeros.new_zeros(zeros.shape[0], np_)
-            zp[:, :n] = zeros
-            sp = scales.new_zeros(scales.shape[0], np_)
-            sp[:, :n] = scales
-            self.qweight, self.qzeros, self.scales = tiles, ref.pack_qzeros(zp, v1=False), sp
+            self.qzeros, self.scales = _tile_groups(zeros, scales, n, int4.padded(k, n)[1])
         else:
             self.qweight = self.qweight[:, order].contiguous()
             self.qzeros, self.scales = ref.pack_qzeros(zeros, v1=False), scales.contiguous()
@@ -236,18 +236,16 @@ class Int4Linear(nn.Module):
         self._rebuilt()
 
     @torch.no_grad()
-    def take_sequential_input(self) -> torch.Tensor | None:
+    def take_sequential_input(self) -> None:
         """From now on x arrives in this layer's sequential order (the layer before it was permuted by
-        the returned permutation, `permute_outputs`): the act-order gather is dropped. Returns the
-        permutation (None when there was none)."""
-        perm = self.perm
-        if perm is not None:
+        this layer's perm, `permute_outputs`): the act-order gather is dropped."""
+        if self.perm is not None:
             self.perm = None
             self._rebuilt()
-        return perm
 
     def _rebuilt(self) -> None:
-        """The buffers changed: a new kernel view, registered, and the scratch sized for it."""
+        """The buffers are new (prepared, permuted, fused): a new kernel view, registered, and the scratch
+        sized for it."""
         self._w = None
         if self.backend == "cuda" and self.qweight.is_cuda:
             int4.reserve(self._weight())
@@ -295,11 +293,7 @@ class Int4Linear(nn.Module):
                 del codes
             scales = torch.cat([p.scales[:, : p.out_features] for p in parts], dim=1)
             zeros = torch.cat([ref.unpack_qzeros(p.qzeros, False)[:, : p.out_features] for p in parts], dim=1)
-            sp = scales.new_zeros(scales.shape[0], np_)
-            sp[:, :n] = scales
-            zp = zeros.new_zeros(zeros.shape[0], np_)
-            zp[:, :n] = zeros
-            scales, qzeros = sp, ref.pack_qzeros(zp, v1=False)
+            qzeros, scales = _tile_groups(zeros, scales, n, np_)
         else:  # packed (K/8, N) codes, (G, N/8) zeros, (G, N) scales
             qweight = torch.cat([p.qweight for p in parts], dim=1)
             qzeros = torch.cat([p.qzeros for p in parts], dim=1)
@@ -308,8 +302,7 @@ class Int4Linear(nn.Module):
         out.g_idx, out.perm, out.gather_in_graph = first.g_idx, first.perm, first.gather_in_graph
         out.bias = None if first.bias is None else torch.cat([p.bias for p in parts])
         out.dtype, out.backend, out._group16 = first.dtype, first.backend, first._group16
-        if out.backend == "cuda" and qweight.is_cuda:
-            int4.reserve(out._weight())
+        out._rebuilt()
         return out
 
     def _weight(self):
