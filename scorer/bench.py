@@ -247,6 +247,7 @@ def random_scorer(shape: str, v: Variant, max_batch_tokens: int, layers: int | N
     from scorer.model.heads import ScoringModel
     from scorer.model.llama import compile_layers, fuse_projections
     from scorer.model.quant_config import QuantConfig
+    from scorer.model.quantize import LINEAR_GROUPS
 
     d = hf_config(shape)
     if layers is not None:
@@ -265,11 +266,13 @@ def random_scorer(shape: str, v: Variant, max_batch_tokens: int, layers: int | N
                 p.fill_(1.0)
             elif p.dtype.is_floating_point and not name.endswith("scales"):
                 p.normal_(0.0, 0.02, generator=gen)
-        orders: dict[tuple[str, str], torch.Tensor] = {}  # one act-order g_idx per input, as GPTQ writes them
+        # one act-order g_idx per input, as GPTQ writes them: the quantizer's groups of one Hessian
+        group_of = {name: group[0] for group in LINEAR_GROUPS for name in group}
+        orders: dict[tuple[str, str], torch.Tensor] = {}
         for name, mod in model.named_modules():
             if hasattr(mod, "prepare") and hasattr(mod, "qweight"):
-                parent, proj = name.rsplit(".", 1)
-                key = (parent, {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(proj, proj))
+                proj = ".".join(name.split(".")[-2:])  # "self_attn.k_proj"
+                key = (name[: -len(proj)], group_of[proj])
                 if key not in orders:
                     orders[key] = random_g_idx(mod.g_idx.shape[0], 128, gen)
                 fill_random_gptq(mod, gen, orders[key])

@@ -15,6 +15,7 @@ import tiny
 from int4_cases import pack_words, rng
 from scorer.api import Scorer
 from scorer.model.linear import Int4Linear
+from scorer.model.quantize import LINEAR_GROUPS
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Debian", "数据 湖 分类 模型 🙂 emoji",
          "A library for parsing and writing Parquet files in Python. " * 2, "0123456789 +-*/="]
@@ -54,8 +55,7 @@ def rtn_gptq(w: np.ndarray, gs: int, act: bool, v1: bool, gen,
 
 # projections that read one input; GPTQ quantizes each group from one Hessian, so under act-order they
 # share one column order (g_idx) in real checkpoints
-INPUT_OF = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o", "gate_proj": "mlp",
-            "up_proj": "mlp", "down_proj": "down"}
+INPUT_OF = {name.split(".")[-1]: group[0] for group in LINEAR_GROUPS for name in group}
 
 
 def quantized_pair(tmp: Path, gs: int, act: bool, v1: bool, bias: bool, shared: bool = False) -> tuple[Path, Path]:
