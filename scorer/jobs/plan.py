@@ -6,8 +6,9 @@ sha256 over the input (URI, size, mtime: what the store tells about its content 
 model's identity (config, tokenizer and side files by content; weight files by name, size and content:
 their sha256 on a local disk, read once per version of a file and cached under $SCORER_CACHE; on an
 object store their LastModified, so an upload counts as a new model) and every
-job setting that changes scores or the output file (`Job.score_settings`). Batching limits and worker
-counts are left out: they change speed, not scores.
+job setting that changes scores or the output file (`Job.score_settings`), the dtype as the workers
+resolve it (an unset `runtime.dtype` is bfloat16 on GPU workers, float32 on CPU ones). Batching limits and
+worker counts are left out: they change speed, not scores.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 from scorer.jobs import lake
 from scorer.jobs.spec import LoadedJob
 
-__all__ = ["ShardPlan", "JobPlan", "plan_job", "model_key", "estimate"]
+__all__ = ["ShardPlan", "JobPlan", "plan_job", "cluster_gpus", "model_key", "estimate"]
 
 SMALL_MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "quantize_config.json",
                      "model.safetensors.index.json", "special_tokens_map.json")
@@ -48,6 +49,7 @@ class JobPlan:
     model_key: str
     shards: list[ShardPlan]
     stale_entries: list[str] = field(default_factory=list)  # manifest entries of shards no longer in the input
+    gpu: bool = False  # planned for GPU workers: decides the fingerprints where runtime.dtype is unset
 
     @property
     def todo(self) -> list[ShardPlan]:
@@ -134,10 +136,34 @@ def shard_fingerprint(shard: lake.Shard, mkey: str, settings: dict[str, Any]) ->
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def plan_job(j: LoadedJob, *, force: bool = False) -> JobPlan:
+def cluster_gpus() -> int:
+    """GPUs of the Ray cluster this process is connected to, else of this machine (the local cluster
+    `scorer run` starts sees the same ones); 0 when torch cannot tell."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return int(ray.cluster_resources().get("GPU", 0))
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no usable CUDA: CPU workers
+        return 0
+
+
+def plan_job(j: LoadedJob, *, force: bool = False, gpu: bool | None = None) -> JobPlan:
+    """The job's shards, done or to do, for a run on GPU workers (gpu) or CPU ones; None: the workers
+    `runtime.device` picks on `cluster_gpus()` (asked only where it decides the fingerprint: device auto
+    and no dtype)."""
     shards = j.shards if j.shards is not None else lake.list_shards(j.input)
     mkey = model_key(j.model)
-    settings = j.job.score_settings()
+    rt = j.job.runtime
+    if gpu is None:
+        gpu = rt.on_gpu(cluster_gpus() if rt.device == "auto" and rt.dtype is None else 0)
+    settings = j.job.score_settings(gpu)
     manifest = lake.read_manifest(j.partition)
     present = lake.list_files(j.partition)
     plans = []
@@ -149,7 +175,7 @@ def plan_job(j: LoadedJob, *, force: bool = False) -> JobPlan:
                 and present.get(name) == entry.get("bytes"))
         plans.append(ShardPlan(s, name, fp, done, entry if done else None, entry.get("rows") if done and entry else None))
     names = {p.name for p in plans}
-    return JobPlan(j, mkey, plans, sorted(n for n in manifest if n not in names))
+    return JobPlan(j, mkey, plans, sorted(n for n in manifest if n not in names), gpu)
 
 
 # ----------------------------------------------------------------------------------------------- estimates

@@ -58,8 +58,11 @@ def run_cli(jobs_file: Path, *, jobs: list[str] = (), sets: list[str] = (), date
     if dry_run:
         print_plan(plans, {p.job.name: estimate(p) for p in plans})
         return 0
+    # An unset dtype on device auto is resolved by the cluster's GPUs: a cluster joined at `address` is
+    # asked even when every shard looks done, and the plans follow what it has.
+    resolves = any(p.job.job.runtime.device == "auto" and p.job.job.runtime.dtype is None for p in plans)
     try:
-        owns = _connect(address, plans) if any(p.todo for p in plans) else False
+        owns = _connect(address, plans) if any(p.todo for p in plans) or (address and resolves) else False
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -67,6 +70,7 @@ def run_cli(jobs_file: Path, *, jobs: list[str] = (), sets: list[str] = (), date
         print(f"error: cannot start or join a Ray cluster ({address or 'local'}): {e}", file=sys.stderr, flush=True)
         return 1
     try:
+        plans = _replan_for_cluster(plans, force) if resolves else plans
         stats = run_jobs(plans, progress=Progress(progress_interval))
     finally:
         if owns:
@@ -95,6 +99,22 @@ def _connect(address: str | None, plans: list[JobPlan]) -> bool:
     return True
 
 
+def _replan_for_cluster(plans: list[JobPlan], force: bool) -> list[JobPlan]:
+    """Plans made for the workers the connected cluster will start, where the guess before it differed."""
+    import ray
+
+    if not ray.is_initialized():
+        return plans
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    out = []
+    for p in plans:
+        rt = p.job.job.runtime
+        if rt.dtype is None and rt.on_gpu(gpus) != p.gpu:
+            p = plan_job(p.job, force=force, gpu=rt.on_gpu(gpus))
+        out.append(p)
+    return out
+
+
 def run_jobs(plans: list[JobPlan], progress: Progress | None = None) -> list[JobStats]:
     """Run the planned jobs one after the other on the connected Ray cluster."""
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
@@ -115,8 +135,7 @@ def _worker_options(j: LoadedJob) -> tuple[dict[str, Any], str, int]:
 
     rt = j.job.runtime
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = rt.device == "cuda" or (rt.device == "auto" and gpus > 0)
-    if use_gpu:
+    if rt.on_gpu(gpus):
         n = min(rt.workers or gpus, gpus)
         if rt.workers and rt.workers > gpus:
             Progress.log(f"{j.name}: runtime.workers is {rt.workers} but the cluster has {gpus} GPU(s); starting {n}")

@@ -102,6 +102,16 @@ class Runtime(_Strict):
     cuda_graphs: bool = Field(True, description="replay small batches from CUDA graphs (Scorer's cuda_graphs); "
                                                 "false runs every batch eagerly")
 
+    def on_gpu(self, cluster_gpus: int) -> bool:
+        """Whether the workers take GPUs: device cuda, or auto on a cluster that has any."""
+        return self.device == "cuda" or (self.device == "auto" and cluster_gpus > 0)
+
+    def compute_dtype(self, gpu: bool) -> str:
+        """What the workers score in: `dtype`, or when unset Scorer's rule, bfloat16 on a GPU and float32 on
+        a CPU. Fingerprints carry this, not the unset value, so a shard scored on CPU workers is redone
+        when the job moves to GPUs."""
+        return self.dtype or ("bfloat16" if gpu else "float32")
+
 
 class Labels(_Strict):
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="multi-label decision threshold")
@@ -145,12 +155,13 @@ class Job(_Strict):
     labels: Labels = Labels()
     storage: Storage = Storage()
 
-    def score_settings(self) -> dict[str, Any]:
-        """Every setting that can change a score or the output file (part of each shard's fingerprint)."""
+    def score_settings(self, gpu: bool) -> dict[str, Any]:
+        """Every setting that can change a score or the output file (part of each shard's fingerprint), for
+        a run on GPU workers (gpu) or CPU ones."""
         return {
             "task": self.task, "text": self.text, "id": self.id, "passthrough": self.passthrough,
             "filter": self.filter, "max_length": self.batching.max_length,
-            "truncation_side": self.batching.truncation_side, "dtype": self.runtime.dtype,
+            "truncation_side": self.batching.truncation_side, "dtype": self.runtime.compute_dtype(gpu),
             "labels": self.labels.model_dump(), "compression": self.output.compression,
         }
 

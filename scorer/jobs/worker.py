@@ -264,6 +264,7 @@ class ShardWorker:
         s = task.shard
         return {
             "name": task.name, "fingerprint": task.fingerprint, "model_fingerprint": self.fingerprint,
+            "device": str(self.scorer.device), "dtype": self.scorer.settings.dtype,
             "input": s.uri, "input_size": s.size, "input_mtime_ns": s.mtime_ns, "rows": res.rows,
             "input_rows": res.input_rows, "tokens": res.tokens, "padded_tokens": res.padded_tokens,
             "errors": res.errors, "bytes": res.bytes, "seconds": round(res.seconds, 4),

@@ -18,7 +18,10 @@ DATE = "2026-11-23"
 
 
 @pytest.fixture
-def setup(tmp_path, tiny_model):
+def setup(tmp_path, tiny_model, monkeypatch):
+    from scorer.jobs import plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "cluster_gpus", lambda: 0)  # CPU workers, whether a Ray cluster runs or not
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     write_shards(tmp_path / "in", [5, 6])
@@ -60,6 +63,25 @@ def test_speed_settings_do_not_change_the_fingerprint(setup):
 def test_score_settings_change_the_fingerprint(setup, change):
     _, _, _, plan = setup
     assert not any(s.done for s in plan(change).shards), change
+
+
+def test_an_unset_dtype_is_fingerprinted_as_the_workers_resolve_it(setup, monkeypatch):
+    """An unset runtime.dtype scores in float32 on CPU workers and bfloat16 on GPU ones: shards committed by
+    CPU workers are redone when the job moves to a cluster with GPUs. A set dtype fingerprints alike on both."""
+    from scorer.jobs import plan as plan_mod
+
+    _, _, p, plan = setup
+    assert not p.gpu
+    monkeypatch.setattr(plan_mod, "cluster_gpus", lambda: 2)
+    on_gpu = plan()
+    assert on_gpu.gpu and not any(s.done for s in on_gpu.shards)
+    assert all(s.done for s in plan("runtime.device=cpu").shards)  # CPU workers whatever the cluster has
+    assert not any(s.done for s in plan_job(p.job, gpu=True).shards)
+    assert all(s.done for s in plan_job(p.job, gpu=False).shards)
+    assert all(s.done for s in plan("runtime.dtype=float32").shards)  # what the CPU workers resolved
+    assert not any(s.done for s in plan("runtime.dtype=bfloat16", "runtime.device=cpu").shards)
+    assert ([s.fingerprint for s in plan("runtime.dtype=bfloat16").shards]
+            == [s.fingerprint for s in on_gpu.shards])
 
 
 def test_input_model_and_output_file_changes(setup):

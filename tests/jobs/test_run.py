@@ -437,3 +437,24 @@ def test_dry_run_prints_the_plan(ray_cluster, tiny_model, tmp_path):
     assert r.exit_code == 0, r.output  # the plan names the shard a run would fail, and goes on
     row = next(ln for ln in r.output.splitlines() if "unreadable:" in ln)
     assert "in/part-001.p" in row and "Parquet magic bytes" in row and "10 rows to score" in r.output
+
+
+def test_an_unset_dtype_follows_the_workers_the_cluster_gives(ray_cluster, tiny_model, tmp_path, monkeypatch):
+    """Shards committed by CPU workers (float32, runtime.dtype unset) are redone when the job next runs on
+    GPU workers (bfloat16), also where the plan made before joining the cluster guessed CPU workers: the
+    cluster's GPUs decide. Each manifest entry records the device and dtype its worker scored in."""
+    from scorer.jobs import plan as plan_mod
+
+    write_shards(tmp_path / "in", [6, 5])
+    f = write_jobs(tmp_path / "jobs.yaml", {"a": job(tiny_model, "in", "out", runtime={"workers": 1})})
+    part = tmp_path / "out" / f"dt={DATE}"
+    assert run_cli(f, date=DATE, sets=["runtime.device=cpu"]) == 0
+    first = _manifest(part)
+    assert {(e["device"], e["dtype"]) for e in first.values()} == {("cpu", "float32")}
+    assert run_cli(f, date=DATE, sets=["runtime.device=cpu"]) == 0 and _manifest(part) == first
+    monkeypatch.setattr(plan_mod, "cluster_gpus", lambda: 0)  # the guess before Ray: no GPU here
+    assert run_cli(f, date=DATE) == 0  # device auto on a cluster with (fake) GPUs: GPU workers
+    second = _manifest(part)
+    assert sorted(second) == sorted(first) and all(second[k]["run_id"] != first[k]["run_id"] for k in first)
+    assert all(second[k]["fingerprint"] != first[k]["fingerprint"] for k in first)
+    assert run_cli(f, date=DATE) == 0 and _manifest(part) == second  # and now they are done
