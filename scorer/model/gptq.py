@@ -7,6 +7,11 @@ zeros (G, N), fp16 scales (G, N), g_idx (K,), so `scorer.kernels.reference.pack_
 The quantizer of a group (per output row n, asymmetric or symmetric, min/max over the group's columns):
     scale = (xmax - xmin) / maxq,  zero = round(-xmin / scale)   (sym: xmin = -xmax, zero = (maxq + 1) / 2)
     q = clamp(round(w / scale) + zero, 0, maxq),  w_hat = fp16(scale * (q - zero))
+An asymmetric zero is never 0: a row whose zero rounds to 0 (xmin > -scale / 2) takes zero 1 and
+scale = xmax / (maxq - 1), a 4-7% coarser step whose grid still covers [xmin, xmax]. A v1 checkpoint
+stores z - 1, and readers disagree on a stored -1: GPTQModel (and scorer) add 0x11111111 to the whole
+word, so the borrow it made is undone; exllama-style kernels (AutoGPTQ, vLLM's GPTQ path) add 1 to each
+nibble and read 16 there and one less in the nibble above. With zeros of 1..15 every reader agrees.
 Scales are rounded to fp16 *before* they are used, and w_hat is rounded to fp16 once, so the weights GPTQ
 compensates for are exactly the ones the checkpoint dequantizes to (the references keep fp32 scales and
 round at pack time; this is the only intended difference).
@@ -108,10 +113,11 @@ def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     xmax = torch.where(flat, 1.0, xmax)
     scale = ((xmax - xmin) / spec.maxq).clamp_min(FP16_TINY).half().float()
     if spec.sym:
-        zero = torch.full_like(scale, (spec.maxq + 1) // 2)
-    else:
-        zero = torch.round(-xmin / scale).clamp(0, spec.maxq)
-    return scale, zero
+        return scale, torch.full_like(scale, (spec.maxq + 1) // 2)
+    zero = torch.round(-xmin / scale).clamp(0, spec.maxq)
+    low = zero == 0  # see the module docstring: zero 1 on a grid that still reaches xmax
+    scale = torch.where(low, (xmax / (spec.maxq - 1)).clamp_min(FP16_TINY).half().float(), scale)
+    return scale, torch.where(low, 1.0, zero)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,6 +62,8 @@ def test_codes_scales_zeros_reproduce_weight_exactly(spec):
         assert 0 <= int(r.zeros.min()) and int(r.zeros.max()) <= 15
         if spec.sym:
             assert (r.zeros == 8).all()
+        else:
+            assert int(r.zeros.min()) >= 1  # never 0: v1 readers disagree on its stored -1
         torch.testing.assert_close(dequant(r), r.weight, rtol=0, atol=0)
 
 
@@ -117,9 +119,16 @@ def test_find_params_edges():
     spec = QuantSpec(sym=False)
     w = torch.tensor([[0.0, 0.5, 1.0, 1.5], [0.0, 0.0, 0.0, 0.0], [-1.0, -0.5, -0.25, 0.0]])
     s, z = find_params(w, spec)
-    assert z[0] == 0  # all non-negative: asym zero 0
+    assert z[0] == 1 and s[0] == torch.tensor(1.5 / 14).half().float()  # all non-negative: zero 1, not 0
     assert z[2] == 15  # all non-positive: zero at the top
     assert (s > 0).all() and torch.equal(s, s.half().float())  # fp16 values, never 0
+    q, wq = quantize_codes(w, s[:, None], z[:, None], spec.maxq)
+    assert (wq[0] - w[0]).abs().max() <= s[0] / 2 + 1e-3  # the whole row on the grid, 1.5 included
+    # a row whose min is just below 0 (zero would round to 0): its grid still reaches both ends
+    w2 = torch.tensor([[-0.01, 0.3, 0.7, 1.5]])
+    s2, z2 = find_params(w2, spec)
+    _, wq2 = quantize_codes(w2, s2[:, None], z2[:, None], spec.maxq)
+    assert z2[0] == 1 and (wq2 - w2).abs().max() <= s2[0] / 2 + 1e-3
     s_sym, z_sym = find_params(w, QuantSpec(sym=True))
     assert (z_sym == 8).all()
     assert s_sym[0] == torch.tensor(2 * 1.5 / 15).half().float()  # all-positive row keeps its range

@@ -112,8 +112,21 @@ def gptqmodel_dequant(qweight, qzeros, scales, g_idx) -> torch.Tensor:
     return scales[g] * (codes - zeros[g]).to(torch.float16)
 
 
-def test_asym_zero_of_zero_survives_v1_packing(tmp_path, model_dir, texts):
-    """A group whose weights are all >= 0 gets zero point 0; v1 stores -1 and borrows across the word."""
+def exllama_dequant(qweight, qzeros, scales, g_idx) -> torch.Tensor:
+    """The other reading of v1 zeros: exllama-style kernels (AutoGPTQ, vLLM's GPTQ path) take each nibble
+    of qzeros and add 1 to it, with no carry between nibbles."""
+    wf = torch.arange(0, 32, 4, dtype=torch.int64)
+    nib = ((qzeros.to(torch.int64) & 0xFFFFFFFF)[:, :, None] >> wf[None, None, :]) & 0xF
+    zeros = (nib + 1).reshape(qzeros.shape[0], -1)
+    codes = (((qweight.to(torch.int64) & 0xFFFFFFFF)[:, None, :] >> wf[None, :, None]) & 0xF).reshape(-1, qweight.shape[1])
+    g = g_idx.long()
+    return scales[g] * (codes - zeros[g]).to(torch.float16)
+
+
+def test_asym_v1_files_read_alike_by_both_zero_conventions(tmp_path, model_dir, texts):
+    """A group whose weights are all >= 0 would get zero point 0, stored in v1 as -1, which readers take
+    apart differently (whole word or per nibble). The quantizer gives it zero 1 instead, so GPTQModel's,
+    exllama's and scorer's readings of the file are one W, the one GPTQ compensated for."""
     from safetensors.torch import save_file
 
     src = tmp_path / "pos"
@@ -127,21 +140,23 @@ def test_asym_zero_of_zero_survives_v1_packing(tmp_path, model_dir, texts):
     out = tmp_path / "out"
     run(src, out, texts, QuantSpec(group_size=32, sym=False, act_order=True))
     q = load_file(str(out / "model.safetensors"))
-    qz = q["model.layers.0.mlp.down_proj.qzeros"]
+    p = "model.layers.0.mlp.down_proj"
+    qz = q[f"{p}.qzeros"]
     z = unpack_qzeros(qz, v1=True)
-    assert (z[0, :3] == 0).all()  # group 0 is fitted first, on the untouched (non-negative) weights
-    raw = unpack_qzeros(qz, v1=False)  # the stored nibbles: z - 1 with borrows, not clamped
-    assert raw[0, 0] == 15
-    w = dequantize(q["model.layers.0.mlp.down_proj.qweight"], qz, q["model.layers.0.mlp.down_proj.scales"],
-                   q["model.layers.0.mlp.down_proj.g_idx"], v1=True)
-    assert (w[q["model.layers.0.mlp.down_proj.g_idx"] == 0, :3] >= 0).all()  # zero 0: no negative codes
-    g0 = q["model.layers.0.mlp.down_proj.g_idx"] == 0
-    gm = gptqmodel_dequant(*(q[f"model.layers.0.mlp.down_proj.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")))
-    assert torch.equal(gm, w) and (gm[g0, :3] >= 0).all()  # GPTQModel's reading: the same zero 0
+    assert (z[0, :3] == 1).all()  # group 0 is fitted first, on the untouched (non-negative) weights
+    assert int(unpack_qzeros(qz, v1=False).max()) <= 14  # stored z - 1: no nibble of 15, no borrow
+    parts = [q[f"{p}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")]
+    w = dequantize(*parts, v1=True)
+    g0 = q[f"{p}.g_idx"] == 0
+    assert (w[g0, :3] >= -q[f"{p}.scales"][0, :3].float()).all()  # one step below 0 at most
+    assert torch.equal(gptqmodel_dequant(*parts), w) and torch.equal(exllama_dequant(*parts), w)
+    for lp in (k[: -len(".qzeros")] for k in q if k.endswith(".qzeros")):  # every layer, not only that one
+        ps = [q[f"{lp}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")]
+        assert torch.equal(gptqmodel_dequant(*ps), exllama_dequant(*ps)), lp
     from scorer.model.load import load_model
 
     model, _ = load_model(out, dtype=torch.float32, device="cpu")  # and scorer's loader
-    assert torch.equal(model.get_submodule("model.layers.0.mlp.down_proj").dequantized_weight(), w.float().T)
+    assert torch.equal(model.get_submodule(p).dequantized_weight(), w.float().T)
 
 
 def test_written_config_and_files(quantized, model_dir):
