@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go, each step under its own time limit; logs and JSON land in $OUT.
-#   OUT=/tmp/out bash benchmarks/gpu_all.sh [tests] [int4tests] [e2e] [pipeline] [int4] [70b] [profile]
-#   (default: tests e2e pipeline int4 70b)
+#   OUT=/tmp/out bash benchmarks/gpu_all.sh [tests] [int4tests] [e2e] [pipeline] [int4] [70b] [profile] [mid]
+#   (default: tests e2e pipeline int4 70b; mid: gemm_mid's GPU tests, then its timings, layer and model)
 # On the lent GPU machine (no Ray or pydantic there) pack them here, carry .gpuenv and unpack it first:
 #   ../shared/tools/gpu-env pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
 #       typing-inspection==0.4.5 typing-extensions==4.16.0          # Ray + what `scorer run` imports
@@ -23,6 +23,9 @@ for s in $steps; do
     e2e) timeout $T_E2E python benchmarks/e2e.py --texts "$TEXTS" --peers "${PEERS:-both}" ${VARIANTS:+--variants "$VARIANTS"} 2>&1 | tee "$OUT/e2e.log" | grep -v "^Row(" ;;
     pipeline) timeout $T_PIPE python benchmarks/pipeline_gpu.py --texts "$TEXTS" --shards 8 2>&1 | grep -v "^\[scorer" | tee "$OUT/pipeline.log" | tail -12 ;;
     int4) timeout $T_INT4 python benchmarks/int4.py --out "$OUT" 2>&1 | tee "$OUT/int4_bench.log" | tail -5 ;;
+    mid) timeout $T_TESTS python -m pytest -q -x -m gpu -p no:cacheprovider tests/int4/test_int4_gpu.py -k mid 2>&1 | tee "$OUT/mid_tests.log" | tail -8 \
+           && timeout $T_INT4 python benchmarks/int4.py --out "$OUT" --no-model --ms 64,100,128,256,512,1024 2>&1 | tee "$OUT/mid_bench.log" | tail -40 \
+           && timeout $T_INT4 python benchmarks/latency.py --variants int4+compile,int4+compile+mid,bf16+compile --cases 1x100,3x70,8x64,1x512,2x400 2>&1 | tee "$OUT/mid_latency.log" | tail -12 ;;
     70b) timeout $T_70B python benchmarks/e2e.py --model-shape 70b --texts "${TEXTS_70B:-512}" --variants int4 2>&1 | tee "$OUT/e2e_70b.log" | tail -6 ;;
   esac
 done

@@ -205,6 +205,7 @@ class Variant:
     embeddings: str = "auto"  # auto (host for 4-bit, as Scorer.from_pretrained) | host | device
     kernel: str = "auto"  # packed attention: auto (cuDNN on Hopper) | flash | cudnn
     graphs: bool = True  # small packed batches from CUDA graphs (Scorer's cuda_graphs="auto")
+    mid: bool = False  # 4-bit: int4.gemm_mid where its measured crossover says (int4.MID_ENABLED; off by default)
 
     @property
     def host_embeddings(self) -> bool:
@@ -218,22 +219,23 @@ class Variant:
         parts += ["embedding table in host memory"] if self.host_embeddings else []
         parts += [] if self.kernel == "auto" else [f"{self.kernel} attention"]
         parts += [] if self.graphs else ["no CUDA graphs"]
+        parts += ["gemm_mid"] if self.mid else []
         return "scorer " + ", ".join(parts)
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
         """e.g. "bf16", "int4+compile", "bf16+padded+unfused", "int4+compile+devemb", "bf16+compile+flash",
-        "int4+compile+nographs"."""
+        "int4+compile+nographs", "int4+compile+mid"."""
         words = spec.split("+")
-        flags = {"padded", "packed", "unfused", "compile", "hostemb", "devemb", "flash", "cudnn", "nographs"}
-        if words[0] not in ("bf16", "int4") or not set(words[1:]) <= flags:
+        flags = {"padded", "packed", "unfused", "compile", "hostemb", "devemb", "flash", "cudnn", "nographs", "mid"}
+        if words[0] not in ("bf16", "int4") or not set(words[1:]) <= flags or ("mid" in words and words[0] != "int4"):
             raise ValueError(f"variant {spec!r}: bf16|int4, then +padded, +packed, +unfused, +compile, "
-                             "+hostemb, +devemb, +flash, +cudnn, +nographs")
+                             "+hostemb, +devemb, +flash, +cudnn, +nographs, +mid (int4 only)")
         att = "padded" if "padded" in words else "packed" if "packed" in words else "auto"
         emb = "host" if "hostemb" in words else "device" if "devemb" in words else "auto"
         kernel = "flash" if "flash" in words else "cudnn" if "cudnn" in words else "auto"
         return cls(words[0] == "int4", att, "unfused" not in words, "compile" in words, emb, kernel,
-                   "nographs" not in words)
+                   "nographs" not in words, "mid" in words)
 
 
 DEFAULT_VARIANTS = "bf16+padded+unfused,bf16,bf16+compile,int4,int4+compile"
@@ -249,6 +251,9 @@ def random_scorer(shape: str, v: Variant, max_batch_tokens: int, layers: int | N
     from scorer.model.quant_config import QuantConfig
     from scorer.model.quantize import LINEAR_GROUPS
 
+    from scorer.kernels import int4
+
+    int4.MID_ENABLED = v.mid  # the dispatch reads it at each call: this Scorer's warmup measures with it
     d = hf_config(shape)
     if layers is not None:
         d["num_hidden_layers"] = layers

@@ -183,6 +183,10 @@ __device__ __forceinline__ void cp_async8_zfill(void* dst, const void* src, bool
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 8 : 0)
                : "memory");
 }
+__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, bool valid) {  // L2 only; zeros if !valid
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
 __device__ __forceinline__ void cp_async8(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
 }
@@ -914,4 +918,202 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
     cp_async_wait<0>();
   }
   if (kt != 0) flush();  // the chunk ended inside a column block
+}
+
+
+// ---------------------------------------------------------------------------------------------------
+// Mid-size m (65 .. MID_MAX_M rows in scorer.kernels.int4): too many rows for gemm_small, whose blocks
+// each re-read all of x for one column block (8192x57344 at m = 64 reads ~0.9 GB of x from L2), too
+// few for the dequant pass to hide behind cuBLAS. y[M][N] = x[M][K] @ W + bias with the dequant in the
+// mainloop. Block tile BM = 64 MID_WM rows x BN = 64 MID_WN columns; warp (wm, wn) owns 64 rows (8 row
+// tiles) of column block nb = MID_WN blockIdx.x + wn, with int4_gemm_small's fragments: A = W^T from
+// one 16-byte code word per lane and tile, B = x^T from 8 bytes per lane and row tile. The block's
+// stages live in shared memory, filled by cp.async from every thread, MID_KB tiles (16 k each) a stage,
+// MID_S stages: the codes of its MID_WN column blocks (512 contiguous bytes a tile, as in global) and
+// x of its BM rows as [tile][row][32 bytes], so a row tile's fragments are 256 contiguous bytes (the
+// lds_x layout, conflict-free). Rows past M and k past K are zero-filled: x = 0 is what keeps padding
+// out (a code of 0 dequantizes to -z * s). Scales and zeros come from global (L1) when the group
+// changes. Split-K over gridDim.z (slices of ktpb row blocks): each block writes its fp32 tile to
+// ws[ks] and the last of an output tile's blocks to arrive (counter per tile) sums ws[0 .. KS-1] in
+// order: deterministic, one launch. Not yet run on a GPU (see scorer.kernels.int4.MID_ENABLED).
+#ifndef MID_WM
+#define MID_WM 2  // (scorer.kernels.int4 mirrors these four)
+#endif
+#ifndef MID_WN
+#define MID_WN 2
+#endif
+#ifndef MID_KB
+#define MID_KB 4
+#endif
+#ifndef MID_S
+#define MID_S 4
+#endif
+struct MidCfg {
+  static constexpr int WM = MID_WM, WN = MID_WN, KB = MID_KB, S = MID_S;
+  static constexpr int NT = WM * WN * 32;
+  static constexpr int BM = WM * 64, BN = WN * 64;
+  static constexpr int CODES = WN * KB * 512;  // bytes of a stage's codes
+  static constexpr int XB = KB * BM * 32;      // bytes of a stage's x
+  static constexpr int STAGE = CODES + XB;
+  static constexpr int SMEM = S * STAGE;
+};
+
+template <int DT>
+__global__ void __launch_bounds__(MidCfg::NT, 2)
+    int4_gemm_mid(const u16* __restrict__ x, const uint4* __restrict__ wq, const u16* __restrict__ scales,
+                  const u32* __restrict__ qzeros, const u16* __restrict__ bias, u16* __restrict__ y,
+                  float* __restrict__ ws, int* __restrict__ counters, int M, int K, int ldx, int N, int Np,
+                  int KT, int G, int gs16, int ktpb) {
+  using C = MidCfg;
+  constexpr int MT = 8, KB = C::KB, S = C::S;
+  extern __shared__ uint4 dyn[];
+  __shared__ int s_last;
+  char* smem = reinterpret_cast<char*>(dyn);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int wn = warp % C::WN, wm = warp / C::WN;
+  const int NB = Np >> 6;
+  const int nb0 = blockIdx.x * C::WN, m0 = blockIdx.y * C::BM;
+  const int ks = blockIdx.z, KS = gridDim.z;
+  const int kb0 = ks * ktpb, kb1 = min(KT, kb0 + ktpb);
+  const int nb = nb0 + wn;
+  const bool has_nb = nb < NB;  // warp-uniform: the last column tile may hang past Np
+  const int ncol = nb * 64 + 8 * g;
+
+  auto load_stage = [&](int slot, int kt0) {
+    char* st = smem + slot * C::STAGE;
+#pragma unroll
+    for (int c = tid; c < C::WN * KB * 32; c += C::NT) {  // codes: column block w, tile kk, 16-byte chunk l
+      const int w = c / (KB * 32), r = c - w * (KB * 32), kk = r >> 5, l = r & 31;
+      const int nbc = nb0 + w, kt = kt0 + kk;
+      if (nbc < NB && kt < kb1) cp_async16_cg(st + (w * KB + kk) * 512 + 16 * l, wq + ((size_t)nbc * KT + kt) * 32 + l);
+    }
+    char* sx = st + C::CODES;
+#pragma unroll
+    for (int c = tid; c < KB * C::BM * 2; c += C::NT) {  // x: tile kk, row r, half h (8 k)
+      const int kk = c / (C::BM * 2), r = (c >> 1) % C::BM, h = c & 1;
+      const int row = m0 + r, k = 16 * (kt0 + kk) + 8 * h;
+      const bool ok = row < M && k < K && kt0 + kk < kb1;
+      cp_async16_zfill(sx + (kk * C::BM + r) * 32 + 16 * h, ok ? (const void*)(x + (size_t)row * ldx + k) : (const void*)x,
+                       ok);
+    }
+  };
+
+  float acc[4][MT][4];
+  zero_acc<MT>(acc);
+  int cur = -1;
+  u32 ss[8], zz[8];
+#pragma unroll
+  for (int c = 0; c < 8; ++c) ss[c] = zz[c] = 0u;
+
+  const int iters = (kb1 - kb0 + KB - 1) / KB;
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) {
+    if (i < iters) load_stage(i, kb0 + i * KB);
+    cp_async_commit();  // empty groups past the end keep the count uniform
+  }
+  for (int it = 0; it < iters; ++it) {
+    cp_async_wait<S - 2>();
+    __syncthreads();  // stage it has landed for every thread, and no warp still reads stage it - 1
+    if (it + S - 1 < iters) load_stage((it + S - 1) % S, kb0 + (it + S - 1) * KB);
+    cp_async_commit();
+    if (has_nb) {
+      const char* st = smem + (it % S) * C::STAGE;
+      const char* sc = st + wn * KB * 512 + 16 * lane;
+      const char* sx = st + C::CODES + wm * 64 * 32;
+#pragma unroll
+      for (int kk = 0; kk < KB; ++kk) {
+        const int kt = kb0 + it * KB + kk;
+        if (kt < kb1) {
+          const int grp = min(kt / gs16, G - 1);
+          if (grp != cur) {  // warp-uniform
+            cur = grp;
+            const uint4 sv = ld_v4(scales + (size_t)grp * Np + ncol);
+            const u32 zv = ld_u32(qzeros + (size_t)grp * (Np >> 3) + (ncol >> 3));
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+              ss[c] = scale2(sv, c);
+              zz[c] = zero2<DT>(zv, c);
+            }
+          }
+          const uint4 wv = *reinterpret_cast<const uint4*>(sc + kk * 512);
+          u32 xb[MT][2];
+          lds_x<MT>(sx + kk * C::BM * 32, lane, xb);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const u32 w = word(wv, j);
+            u32 a[4];
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+              const int c = 2 * j + (s & 1);
+              a[s] = dq<DT>(w, s, zz[c], ss[c]);
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) mma16816<DT>(acc[j][mt], a, xb[mt][0], xb[mt][1]);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // C fragment: acc[j][mt] = {y[m][n], y[m+1][n], y[m][n+1], y[m+1][n+1]}, m = mw + 8mt + 2t, n = 64nb + 8g + 2j.
+  const int mw = m0 + wm * 64;
+  if (KS == 1) {
+    if (has_nb) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int m = mw + 8 * mt + 2 * t, n = ncol + 2 * j;
+          if (n < N && m < M) store_pair<DT>(y + (size_t)m * N + n, bias, n, make_float2(acc[j][mt][0], acc[j][mt][2]));
+          if (n < N && m + 1 < M)
+            store_pair<DT>(y + (size_t)(m + 1) * N + n, bias, n, make_float2(acc[j][mt][1], acc[j][mt][3]));
+        }
+      }
+    }
+    return;
+  }
+  if (has_nb) {
+    float* part = ws + (size_t)ks * M * Np;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int m = mw + 8 * mt + 2 * t, n = ncol + 2 * j;
+        if (m < M) st_f2(part + (size_t)m * Np + n, acc[j][mt][0], acc[j][mt][2]);
+        if (m + 1 < M) st_f2(part + (size_t)(m + 1) * Np + n, acc[j][mt][1], acc[j][mt][3]);
+      }
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+  if (tid == 0) s_last = (atomicAdd(counters + tile, 1) == KS - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  if (has_nb) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int n = ncol + 2 * j;
+#pragma unroll
+        for (int d = 0; d < 2; ++d) {
+          const int m = mw + 8 * mt + 2 * t + d;
+          if (n >= N || m >= M) continue;
+          float2 sum = make_float2(0.f, 0.f);
+          for (int k2 = 0; k2 < KS; ++k2) {  // in order: the same sums whichever block came last
+            const float2 v = ld_cg_f2(ws + ((size_t)k2 * M + m) * Np + n);
+            sum.x += v.x;
+            sum.y += v.y;
+          }
+          store_pair<DT>(y + (size_t)m * N + n, bias, n, sum);
+        }
+      }
+    }
+  }
+  if (tid == 0) counters[tile] = 0;  // ready for the next launch on this stream
 }

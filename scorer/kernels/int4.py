@@ -10,8 +10,12 @@ Kernels over one prepared weight layout (`repack`, described at the top of int4.
     the bulk copy engine, a stage per copy); which is faster depends on the layer's size, so it is timed
     once per layer shape at first use (`gemv_ring`). Both give bit-identical results.
   * `gemm_tiles`: m <= 64, a split-K fused tensor-core GEMM with a cp.async pipeline (the m > 16 side).
+  * `gemm_mid`: 64 < m <= MID_MAX_M, a block-tiled fused GEMM (128 x 128 output tiles, codes and x shared
+    by the block's warps in a cp.async ring, the dequant in the mainloop, deterministic split-K). Written
+    and compiled but not yet run on a GPU: off unless MID_ENABLED (SCORER_INT4_MID=1).
 `gemm_small` is the fused path (gemv up to 16 rows, gemm_tiles above); `matmul` picks between it and
-dequant + cuBLAS by m, with a crossover measured once per (device, shape, dtype) at first use.
+dequant + cuBLAS by m, with a crossover measured once per (device, shape, dtype) at first use (and, with
+gemm_mid on, a second one for it above m = 64).
 
 The wrappers only check dtype, shape, contiguity, alignment and device (ValueError) and launch: no host
 syncs, no allocation in the steady state (the scratch buffer and split-K workspace are shared by all
@@ -22,6 +26,7 @@ layers share the scratch, which stream order makes safe.
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import threading
 import warnings
@@ -42,6 +47,14 @@ GEMV_WAVE = GEMV_WARPS * GEMV_BLOCKS[2]  # warps per SM in gemv's one wave (the 
 GEMV_MIN_CHUNK = 16  # tiles per warp at least: fewer pieces to fix up on small layers
 GEMV_RINGS = (1, 2)  # int4_gemv<DT, MT, R>: 1 cp.async per lane, 2 bulk copies (sm_90+; ring 1 below)
 CROSSOVER_PROBES = (1, 8, 16, 32, 48, 64)
+MID_MAX_M = 1024  # gemm_mid's largest m
+MID_WM, MID_WN, MID_KB, MID_S = 2, 2, 4, 4  # MID_* in int4.cu: warps down and across, tiles a stage, stages
+MID_BM, MID_BN, MID_NT = 64 * MID_WM, 64 * MID_WN, 32 * MID_WM * MID_WN  # block tile rows, columns; threads
+MID_SMEM = MID_S * (MID_WN * MID_KB * 512 + MID_KB * MID_BM * 32)  # MidCfg::SMEM
+MID_PROBES = (96, 128, 192, 256, 384, 512, 768, 1024)
+MID_BLOCKS_PER_SM = 2  # its launch bounds; split-K aims at this many blocks a SM
+# Not yet run on a GPU: the dispatch leaves it out unless asked for.
+MID_ENABLED = os.environ.get("SCORER_INT4_MID", "") == "1"
 _DT = {torch.float16: 0, torch.bfloat16: 1}
 
 
@@ -119,6 +132,7 @@ class Int4Weight:
     # measured or planned once per layer, at first use (see gemv_ring, crossover, gemv)
     rings: dict[int, int] = field(default_factory=dict, repr=False, compare=False)  # mt -> gemv ring
     cross: int | None = field(default=None, repr=False, compare=False)  # the fused path's largest m
+    mid_cross: int | None = field(default=None, repr=False, compare=False)  # gemm_mid's largest m (0: none)
     plans: dict[tuple[int, int], "_GemvPlan"] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -198,6 +212,7 @@ def _names() -> list[str]:
         names.append(f"int4_dequant_rows<{dt}, false>")
         for mt in (1, 2, 4, 8):
             names.append(f"int4_gemm_small<{dt}, {mt}>")
+        names.append(f"int4_gemm_mid<{dt}>")
         for mt in (1, 2):
             for r in GEMV_RINGS:
                 names.append(f"int4_gemv<{dt}, {mt}, {r}>")
@@ -214,7 +229,8 @@ def _module(index: int):
             mod = _modules.get(index)
             if mod is None:
                 opts = ("-std=c++17", f"-DINT4_SMALL_WARPS={SMALL_WARPS}", f"-DINT4_SMALL_STAGES={SMALL_STAGES}",
-                        f"-DGEMV_WARPS={GEMV_WARPS}")
+                        f"-DGEMV_WARPS={GEMV_WARPS}", f"-DMID_WM={MID_WM}", f"-DMID_WN={MID_WN}",
+                        f"-DMID_KB={MID_KB}", f"-DMID_S={MID_S}")
                 mod = cupy.RawModule(code=SOURCE.read_text(), options=opts, name_expressions=_names())
                 _modules[index] = mod
     return mod
@@ -298,6 +314,15 @@ def _gemv_layout(w: Int4Weight, m: int) -> tuple[int, int, tuple[int, int, int]]
     return stage, nbk * lay[2] * mt_of(m) * 8 * 64 * 4, lay
 
 
+def _mid_layout(w: Int4Weight, m: int) -> tuple[int, int, int, int]:
+    """(bytes of the gathered x, bytes of the split-K partials, KS, row blocks a slice) of gemm_mid at m
+    rows (x is staged only under act-order)."""
+    _, np_ = padded(w.k, w.n)
+    nbk, kt = w.qweight.shape[:2]
+    ks, per = mid_split(nbk, kt, m, _sm_count(w.qweight.device))
+    return (_align(m * w.k * 2) if w.perm is not None else 0), (ks * m * np_ * 4 if ks > 1 else 0), ks, per
+
+
 def _stage_x(x: torch.Tensor, w: Int4Weight, xs: torch.Tensor) -> torch.Tensor:
     """xs (M, Kp) <- x's columns in sequential order (gathered by perm under act-order), zero past K."""
     import numpy as np
@@ -325,6 +350,10 @@ def scratch_bytes(w: Int4Weight) -> int:
     for m in (32, 64):
         xg, part, _ = _tiles_layout(w, m)
         need = max(need, xg + part)
+    if MID_ENABLED:
+        for m in MID_PROBES:
+            xg, part, _, _ = _mid_layout(w, m)
+            need = max(need, xg + part)
     return need
 
 
@@ -361,6 +390,18 @@ def split_k(nblocks: int, kt: int, mt: int, sms: int) -> tuple[int, int]:
     ks = max(1, round(sms * SPLIT_TARGET_WARPS / (nblocks * kw)))
     ks = max(1, min(ks, kt // (4 * kw)))
     per = -(-kt // ks)
+    return -(-kt // per), per
+
+
+def mid_split(nblocks: int, kt: int, m: int, sms: int) -> tuple[int, int]:
+    """(KS, row blocks per slice) for gemm_mid: its output tiles times KS fill MID_BLOCKS_PER_SM blocks a
+    SM, slices are whole stages and at least 4 of them; no split where the tiles outnumber the counters."""
+    tiles = -(-nblocks // MID_WN) * -(-m // MID_BM)
+    ks = max(1, round(sms * MID_BLOCKS_PER_SM / tiles))
+    ks = max(1, min(ks, kt // (4 * MID_KB)))
+    if tiles > _COUNTERS:
+        ks = 1
+    per = -(-(-(-kt // ks)) // MID_KB) * MID_KB
     return -(-kt // per), per
 
 
@@ -472,6 +513,28 @@ def gemm_tiles(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tenso
             np.uint64(s.buf.data_ptr() + xg_bytes), _ptr(s.counters), np.int32(m), np.int32(w.k), np.int32(w.n),
             np.int32(np_), np.int32(kt), np.int32(w.n_groups), np.int32(w.group16), np.int32(per))
     fn((nbk, ks), (32 * warps_of(mt),), args, shared_mem=smem, stream=_stream(dev))
+    return out
+
+
+def gemm_mid(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
+    """out (M, N) <- x (M, K) @ W + bias for 1 <= M <= MID_MAX_M: the block-tiled fused 4-bit GEMM
+    (meant for 64 < M; smaller M runs, on mostly empty tiles). Not yet run on a GPU (MID_ENABLED)."""
+    import numpy as np
+
+    m = _check_fused(x, w, out, "gemm_mid", MID_MAX_M)
+    dev = w.qweight.device
+    _, np_ = padded(w.k, w.n)
+    nbk, kt = w.qweight.shape[:2]
+    xg_bytes, part_bytes, ks, per = _mid_layout(w, m)
+    s = _get_scratch(dev, xg_bytes + part_bytes)
+    if w.perm is not None:  # act-order: x's columns in sequential order
+        x = _stage_x(x, w, s.buf[: m * w.k * 2].view(w.dtype).view(m, w.k))
+    fn = _kernel(dev.index, f"int4_gemm_mid<{_DT[w.dtype]}>", MID_SMEM)
+    i32 = np.int32
+    args = (_ptr(x), _ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(w.bias), _ptr(out),
+            np.uint64(s.buf.data_ptr() + xg_bytes), _ptr(s.counters), i32(m), i32(w.k), i32(w.k), i32(w.n),
+            i32(np_), i32(kt), i32(w.n_groups), i32(w.group16), i32(per))
+    fn((-(-nbk // MID_WN), -(-m // MID_BM), ks), (MID_NT,), args, shared_mem=MID_SMEM, stream=_stream(dev))
     return out
 
 
@@ -694,11 +757,55 @@ def measure_crossover(w: Int4Weight, probes: tuple[int, ...] = CROSSOVER_PROBES)
     return c
 
 
+_mid_crossover: dict[tuple, int] = {}
+
+
+def mid_crossover(w: Int4Weight) -> int:
+    """Largest m for which gemm_mid is used above MAX_FUSED_M (0: never; always 0 unless MID_ENABLED);
+    measured once per (device, K, N, dtype, act) at first use, never inside a graph capture."""
+    if not MID_ENABLED:
+        return 0
+    if w.mid_cross is not None:
+        return w.mid_cross
+    key = (w.qweight.device.index, w.k, w.n, w.dtype, w.perm is not None)
+    c = _mid_crossover.get(key)
+    if c is None:
+        if torch.cuda.is_current_stream_capturing():
+            return 0  # cannot time inside a graph capture: dequant + cuBLAS, the path that always runs
+        c = _mid_crossover[key] = measure_mid_crossover(w)
+    w.mid_cross = c
+    return c
+
+
+def measure_mid_crossover(w: Int4Weight, probes: tuple[int, ...] = MID_PROBES) -> int:
+    """Time gemm_mid and dequant + cuBLAS on this layer at m in `probes`; the largest m where gemm_mid wins."""
+    dev = w.qweight.device
+    x = torch.randn(max(probes), w.k, device=dev, dtype=w.dtype)
+    y = torch.empty(max(probes), w.n, device=dev, dtype=w.dtype)
+    wins = []
+    for m in probes:
+        xm, ym = x[:m], y[:m]
+        gemm_mid(xm, w, ym)  # warm: module load, scratch
+        dequant_matmul(xm, w)
+        t_mid = _gpu_time(lambda: gemm_mid(xm, w, ym))
+        t_deq = _gpu_time(lambda: dequant_matmul(xm, w))
+        if t_mid < t_deq:
+            wins.append(m)
+        log.debug("int4 mid crossover K=%d N=%d m=%d: gemm_mid %.1f us, dequant+cuBLAS %.1f us", w.k, w.n, m,
+                  t_mid * 1e6, t_deq * 1e6)
+    c = max(wins, default=0)
+    log.info("int4 K=%d N=%d %s on %s: gemm_mid for %d < m <= %d (measured)", w.k, w.n,
+             str(w.dtype).removeprefix("torch."), torch.cuda.get_device_name(dev), MAX_FUSED_M, c)
+    return c
+
+
 def matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
-    """y (M, N) = x (M, K) @ W + bias, by the path the measured crossover picks for M."""
+    """y (M, N) = x (M, K) @ W + bias, by the path the measured crossovers pick for M."""
     m = x.shape[0]
     if m <= MAX_FUSED_M and m <= crossover(w):
         return gemm_small(x, w, torch.empty(m, w.n, device=x.device, dtype=x.dtype))
+    if MAX_FUSED_M < m <= MID_MAX_M and m <= mid_crossover(w):
+        return gemm_mid(x, w, torch.empty(m, w.n, device=x.device, dtype=x.dtype))
     return dequant_matmul(x, w)
 
 
@@ -783,7 +890,8 @@ def bandwidth_bytes(w: Int4Weight) -> int:
 
 __all__ = [
     "Int4Weight", "available", "bandwidth_bytes", "crossover", "dequant", "dequant_matmul", "dequant_rows",
-    "gemm_small", "gemm_tiles", "gemv", "gemv_layout", "gemv_pieces", "gemv_ring", "int4_matmul", "linear",
-    "matmul", "measure_crossover", "mt_of", "padded", "reference_matmul", "reference_weight", "register",
-    "repack", "reserve", "split_k", "unrepack", "warps_of",
+    "gemm_mid", "gemm_small", "gemm_tiles", "gemv", "gemv_layout", "gemv_pieces", "gemv_ring", "int4_matmul",
+    "linear", "matmul", "measure_crossover", "measure_mid_crossover", "mid_crossover", "mid_split", "mt_of",
+    "padded", "reference_matmul", "reference_weight", "register", "repack", "reserve", "split_k", "unrepack",
+    "warps_of",
 ]

@@ -179,6 +179,63 @@ def test_dispatch_agrees_across_crossover(dtype):
             assert_close_rel(yf, yd.float(), dtype)
 
 
+MID_MS = (1, 17, 64, 65, 100, 127, 128, 129, 255, 300, 513, 1024)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gs,v1,sym,act", VARIANTS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemm_mid_against_the_reference(shape, gs, v1, sym, act, dtype):
+    """The block-tiled kernel (m up to MID_MAX_M): partial row and column tiles, split-K and not, every
+    variant; out poisoned with NaN, so every element must be written."""
+    from scorer.kernels import int4
+
+    k, n = shape
+    lin, case = layer_on_gpu(k, n, gs, v1=v1, sym=sym, act=act, dtype=dtype, bias=True)
+    w = lin._weight()
+    for m in MID_MS:
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+        int4.gemm_mid(x, w, out)
+        assert_close_rel(out, reference_y(x, case, dtype, lin.bias), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [100, 1024])
+def test_gemm_mid_is_deterministic_and_reusable(m, dtype):
+    """Split-K partials summed in a fixed order, counters reset by the last block: repeats are equal."""
+    from scorer.kernels import int4
+
+    k, n = 4096, 4104  # 65 column blocks: the last tile's second warp has none
+    lin, case = layer_on_gpu(k, n, 128, v1=False, sym=False, act=True, dtype=dtype)
+    w = lin._weight()
+    ks, _ = int4.mid_split(*w.qweight.shape[:2], m, torch.cuda.get_device_properties(0).multi_processor_count)
+    assert (ks > 1) == (m == 100), ks  # one case through the cross-block sum, one without
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    first = int4.gemm_mid(x, w, torch.empty(m, n, dtype=dtype, device="cuda")).clone()
+    assert_close_rel(first, reference_y(x, case, dtype), dtype)
+    for _ in range(3):
+        again = int4.gemm_mid(x, w, torch.full((m, n), float("nan"), dtype=dtype, device="cuda"))
+        assert torch.equal(again, first)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dispatch_with_gemm_mid(monkeypatch, dtype):
+    """With gemm_mid on (MID_ENABLED), Int4Linear takes it where its measured crossover says, and every m
+    around both crossovers still agrees with the reference."""
+    from scorer.kernels import int4
+
+    monkeypatch.setattr(int4, "MID_ENABLED", True)
+    k, n = 4096, 4096
+    lin, case = layer_on_gpu(k, n, 128, v1=True, sym=False, act=True, dtype=dtype, bias=True)
+    w = lin._weight()
+    c = int4.mid_crossover(w)
+    assert c == 0 or int4.MAX_FUSED_M < c <= int4.MID_MAX_M
+    for m in sorted({64, 65, 100, max(c, 65), c + 1, 1024, 1025}):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        assert_close_rel(lin(x), reference_y(x, case, dtype, lin.bias), dtype)
+
+
 def test_wrappers_reject_bad_input():
     from scorer.kernels import int4
 
@@ -197,6 +254,9 @@ def test_wrappers_reject_bad_input():
                         torch.empty(65, 40, device="cuda", dtype=torch.float16))
     with pytest.raises(ValueError, match="out"):
         int4.gemm_small(x, w, torch.empty(3, 41, device="cuda", dtype=torch.float16))
+    with pytest.raises(ValueError, match="x must have 1 to 1024 rows"):
+        int4.gemm_mid(torch.randn(1025, 96, device="cuda", dtype=torch.float16), w,
+                      torch.empty(1025, 40, device="cuda", dtype=torch.float16))
     with pytest.raises(ValueError, match="dequant out"):
         int4.dequant(w, torch.empty(96, 40, device="cuda", dtype=torch.float16))  # wants W^T (N, K)
     with pytest.raises(ValueError, match="dequant_rows out"):
@@ -230,6 +290,22 @@ def test_small_llama_gptq_on_gpu_matches_dequantized_bf16():
     assert res["host_embeddings_identical"], res
     assert res["bytes_4bit_gpu_host_table"] < res["bytes_4bit"], res
     assert np.isfinite(res["max_prob_diff"])
+
+
+def test_small_llama_gptq_through_gemm_mid_matches_dequantized_bf16(monkeypatch):
+    """The same model check with every 65..1024-row linear on gemm_mid (its crossover forced): 256 tokens."""
+    import model_check
+
+    from scorer.kernels import int4
+
+    calls = []
+    real = int4.gemm_mid
+    monkeypatch.setattr(int4, "MID_ENABLED", True)
+    monkeypatch.setattr(int4, "mid_crossover", lambda w: int4.MID_MAX_M)
+    monkeypatch.setattr(int4, "gemm_mid", lambda x, w, out: calls.append(x.shape[0]) or real(x, w, out))
+    res = model_check.run(layers=2, seq=64, rows=4)
+    assert calls and set(calls) == {256}, sorted(set(calls))
+    assert res["max_prob_diff"] < 2e-2, res
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -187,6 +187,80 @@ def test_split_k_covers_every_row_block_once():
         assert (seen == 1).all()
 
 
+@pytest.mark.parametrize("k,n,m", [(200, 136, 150), (64, 64, 7), (1040, 200, 129)])
+def test_gemm_mid_stages_feed_each_lane_its_fragments(k, n, m):
+    """int4_gemm_mid's shared-memory stages, written byte for byte with its load_stage's index arithmetic
+    over stale bytes, then read the way its warps read them: every lane gets the code word of its column
+    block and tile and the x fragment of its row tile (zeros past M, past K and past the slice), in
+    partial row and column tiles, over every block and split-K slice."""
+    WM, WN, KB, BM, NT = int4.MID_WM, int4.MID_WN, int4.MID_KB, int4.MID_BM, int4.MID_NT
+    CODES = WN * KB * 512
+    kp, np_ = int4.padded(k, n)
+    NB, KT = np_ // 64, kp // 16
+    gen = rng()
+    wq = gen.integers(0, 2**32, (NB, KT, 32, 4), dtype=np.uint64).astype(np.uint32)
+    wq_bytes = wq.view(np.uint8).reshape(-1)
+    x = gen.integers(1, 2**16, (m, k), dtype=np.uint64).astype(np.uint16)  # nonzero: a zero fill shows
+    x_bytes = x.view(np.uint8).reshape(-1)
+    ks, per = int4.mid_split(NB, KT, m, 3)
+    assert (ks - 1) * per < KT <= ks * per
+    seen = np.zeros((NB, KT, -(-m // BM) * WM), dtype=int)  # (column block, row block, warp's 64 rows)
+    for bx in range(-(-NB // WN)):
+        for by in range(-(-m // BM)):
+            nb0, m0 = bx * WN, by * BM
+            for z in range(ks):
+                kb0, kb1 = z * per, min(KT, z * per + per)
+                for kt0 in range(kb0, kb1, KB):
+                    st = np.full(CODES + KB * BM * 32, 0xAB, dtype=np.uint8)  # a stale stage
+                    for tid in range(NT):
+                        for c in range(tid, WN * KB * 32, NT):
+                            w = c // (KB * 32)
+                            r = c - w * (KB * 32)
+                            kk, l = r >> 5, r & 31
+                            nbc, kt = nb0 + w, kt0 + kk
+                            if nbc < NB and kt < kb1:
+                                src = ((nbc * KT + kt) * 32 + l) * 16
+                                st[(w * KB + kk) * 512 + 16 * l:][:16] = wq_bytes[src: src + 16]
+                        for c in range(tid, KB * BM * 2, NT):
+                            kk, r, h = c // (BM * 2), (c >> 1) % BM, c & 1
+                            row, kcol = m0 + r, 16 * (kt0 + kk) + 8 * h
+                            ok = row < m and kcol < k and kt0 + kk < kb1
+                            src = (row * k + kcol) * 2
+                            st[CODES + (kk * BM + r) * 32 + 16 * h:][:16] = x_bytes[src: src + 16] if ok else 0
+                    for warp in range(WM * WN):
+                        wn, wm = warp % WN, warp // WN
+                        nb = nb0 + wn
+                        if nb >= NB:
+                            continue
+                        for kk in range(KB):
+                            kt = kt0 + kk
+                            if kt >= kb1:
+                                continue
+                            seen[nb, kt, by * WM + wm] += 1
+                            for lane in range(32):
+                                g, t = lane >> 2, lane & 3
+                                sc = wn * KB * 512 + 16 * lane + kk * 512
+                                assert np.array_equal(st[sc: sc + 16].view(np.uint32), wq[nb, kt, lane])
+                                for mt in range(8):
+                                    p = CODES + wm * 64 * 32 + kk * BM * 32 + mt * 256 + 8 * lane
+                                    got = st[p: p + 8].view(np.uint16)
+                                    row, k0 = m0 + wm * 64 + 8 * mt + g, 16 * kt + 4 * t
+                                    want = np.zeros(4, dtype=np.uint16)
+                                    if row < m:
+                                        want[: max(0, min(4, k - k0))] = x[row, k0: k0 + 4]
+                                    assert np.array_equal(got, want), (nb, kt, lane, mt)
+    assert (seen == 1).all()  # every (column block, row block, 64 rows) once: none lost, none twice
+
+
+def test_mid_split_covers_every_row_block_in_whole_stages():
+    for nbk, kt, m, sms in [(64, 256, 100, 132), (64, 256, 1024, 132), (896, 512, 256, 132), (1, 2, 100, 132),
+                            (17, 261, 300, 132), (65, 13, 65, 132), (4096, 64, 1024, 132), (3, 900, 65, 1)]:
+        ks, per = int4.mid_split(nbk, kt, m, sms)
+        assert per % int4.MID_KB == 0 and (ks - 1) * per < kt <= ks * per  # no empty slice, all covered
+        tiles = -(-nbk // int4.MID_WN) * -(-m // int4.MID_BM)
+        assert ks == 1 or (tiles <= int4._COUNTERS and kt >= 4 * int4.MID_KB * ks - 4 * int4.MID_KB)
+
+
 @pytest.mark.parametrize("nbk,kt,sms", [(64, 256, 132), (896, 512, 132), (1, 6, 132), (18, 261, 7), (3, 1, 132),
                                         (224, 1792, 132), (17, 64, 1)])
 def test_gemv_partition_covers_every_tile_once(nbk, kt, sms):
