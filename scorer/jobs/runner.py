@@ -184,6 +184,7 @@ def _run_job(plan: JobPlan, run_id: str, progress: Progress) -> JobStats:
             stats.workers.extend(ray.get([s.actor.info.remote() for s in slots]))
         except (RayActorError, RayTaskError):
             pass  # the dispatch loop below meets the dead actor, replaces it and retries its shards
+        _warn_gpu_workers_on_cpu(j, opts, stats.workers)
         late_infos = []  # info() of replacement actors, collected at the end for the report
         stats.ready = time.monotonic()
         pending = deque(ShardTask(s.shard, s.name, s.fingerprint) for s in todo)
@@ -249,6 +250,17 @@ def _run_job(plan: JobPlan, run_id: str, progress: Progress) -> JobStats:
     lake.clean_stale(j.partition)
     _finish(plan, stats, run_id)
     return stats
+
+
+def _warn_gpu_workers_on_cpu(j: LoadedJob, opts: dict[str, Any], infos: list[dict[str, Any]]) -> None:
+    """Ray gave these actors a GPU, but their torch sees none (device auto then scores on the CPU): say so,
+    since the run is slow and, with runtime.dtype unset, fingerprinted as the bfloat16 it is not."""
+    cpu = [w for w in infos if opts.get("num_gpus") and w.get("device") == "cpu"]
+    if cpu:
+        gpus = ", ".join(sorted({w.get("gpus") or "?" for w in cpu}))
+        Progress.log(f"{j.name}: {len(cpu)} worker(s) were given a GPU by Ray (CUDA_VISIBLE_DEVICES {gpus}) but "
+                     "torch there sees no CUDA device, so they score on the CPU; check that node's NVIDIA driver "
+                     "and torch build, or set runtime.device: cpu")
 
 
 def _worker_config(j: LoadedJob, run_id: str, device: str) -> WorkerConfig:

@@ -439,10 +439,11 @@ def test_dry_run_prints_the_plan(ray_cluster, tiny_model, tmp_path):
     assert "in/part-001.p" in row and "Parquet magic bytes" in row and "10 rows to score" in r.output
 
 
-def test_an_unset_dtype_follows_the_workers_the_cluster_gives(ray_cluster, tiny_model, tmp_path, monkeypatch):
+def test_an_unset_dtype_follows_the_workers_the_cluster_gives(ray_cluster, tiny_model, tmp_path, monkeypatch, capfd):
     """Shards committed by CPU workers (float32, runtime.dtype unset) are redone when the job next runs on
     GPU workers (bfloat16), also where the plan made before joining the cluster guessed CPU workers: the
-    cluster's GPUs decide. Each manifest entry records the device and dtype its worker scored in."""
+    cluster's GPUs decide. Each manifest entry records the device and dtype its worker scored in, and GPU
+    workers that find no GPU (the fake ones here) are named in the log."""
     from scorer.jobs import plan as plan_mod
 
     write_shards(tmp_path / "in", [6, 5])
@@ -453,7 +454,10 @@ def test_an_unset_dtype_follows_the_workers_the_cluster_gives(ray_cluster, tiny_
     assert {(e["device"], e["dtype"]) for e in first.values()} == {("cpu", "float32")}
     assert run_cli(f, date=DATE, sets=["runtime.device=cpu"]) == 0 and _manifest(part) == first
     monkeypatch.setattr(plan_mod, "cluster_gpus", lambda: 0)  # the guess before Ray: no GPU here
+    capfd.readouterr()
     assert run_cli(f, date=DATE) == 0  # device auto on a cluster with (fake) GPUs: GPU workers
+    err = capfd.readouterr().err  # ... whose torch sees no GPU: the run says so
+    assert "1 worker(s) were given a GPU by Ray (CUDA_VISIBLE_DEVICES " in err and "score on the CPU" in err
     second = _manifest(part)
     assert sorted(second) == sorted(first) and all(second[k]["run_id"] != first[k]["run_id"] for k in first)
     assert all(second[k]["fingerprint"] != first[k]["fingerprint"] for k in first)
