@@ -183,9 +183,11 @@ __device__ __forceinline__ void cp_async8_zfill(void* dst, const void* src, bool
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 8 : 0)
                : "memory");
 }
-__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, bool valid) {  // L2 only; zeros if !valid
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
+__device__ __forceinline__ void cp_async16_cg_s(u32 dst, const void* src) {  // dst: a shared-space address
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async16_zfill_s(u32 dst, const void* src, bool valid) {  // L2 only; zeros if !valid
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
 }
 __device__ __forceinline__ void cp_async8(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
@@ -925,17 +927,20 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
 // Mid-size m (65 .. MID_MAX_M rows in scorer.kernels.int4): too many rows for gemm_small, whose blocks
 // each re-read all of x for one column block (8192x57344 at m = 64 reads ~0.9 GB of x from L2), too
 // few for the dequant pass to hide behind cuBLAS. y[M][N] = x[M][K] @ W + bias with the dequant in the
-// mainloop. Block tile BM = 64 MID_WM rows x BN = 64 MID_WN columns; warp (wm, wn) owns 64 rows (8 row
-// tiles) of column block nb = MID_WN blockIdx.x + wn, with int4_gemm_small's fragments: A = W^T from
-// one 16-byte code word per lane and tile, B = x^T from 8 bytes per lane and row tile. The block's
-// stages live in shared memory, filled by cp.async from every thread, MID_KB tiles (16 k each) a stage,
-// MID_S stages: the codes of its MID_WN column blocks (512 contiguous bytes a tile, as in global) and
-// x of its BM rows as [tile][row][32 bytes], so a row tile's fragments are 256 contiguous bytes (the
-// lds_x layout, conflict-free). Rows past M and k past K are zero-filled: x = 0 is what keeps padding
-// out (a code of 0 dequantizes to -z * s). Scales and zeros come from global (L1) when the group
-// changes. Split-K over gridDim.z (slices of ktpb row blocks): each block writes its fp32 tile to
-// ws[ks] and the last of an output tile's blocks to arrive (counter per tile) sums ws[0 .. KS-1] in
-// order: deterministic, one launch. Not yet run on a GPU (see scorer.kernels.int4.MID_ENABLED).
+// mainloop. Block tile BM = 128 rows x BN = 128 columns, four warps; warp (wm, wn) owns 64 rows (8 row
+// tiles) of column block nb = 2 blockIdx.x + wn, with int4_gemm_small's fragments: A = W^T from one
+// 16-byte code word per lane and tile, B = x^T from 8 bytes per lane and row tile. The block's stages
+// live in shared memory, filled by cp.async from every thread (each copies one 16-byte code chunk per
+// column block and 8 of x: fixed per thread, so its source pointers are computed once), MID_KB tiles
+// (16 k each) a stage, MID_S stages: the codes of the two column blocks (512 contiguous bytes a tile, as
+// in global) and x of the 128 rows as [tile][row][32 bytes], so a row tile's fragments are 256
+// contiguous bytes (the lds_x layout, conflict-free). Rows past M and k past K are zero-filled: x = 0 is
+// what keeps padding out (a code of 0 dequantizes to -z * s); row tiles wholly past M skip their MMAs.
+// Scales and zeros of the next group are loaded a group ahead into registers. Split-K over gridDim.z
+// (slices of ktpb row blocks): each block writes its fp32 tile to ws[ks] (16-byte stores: a thread's
+// 8 columns are adjacent) and the last of an output tile's blocks to arrive (counter per tile) sums
+// ws[0 .. KS-1] in that order, all of a slice's loads in flight at once: deterministic, one launch.
+// Not yet run on a GPU (see scorer.kernels.int4.MID_ENABLED).
 #ifndef MID_WM
 #define MID_WM 2  // (scorer.kernels.int4 mirrors these four)
 #endif
@@ -956,7 +961,29 @@ struct MidCfg {
   static constexpr int XB = KB * BM * 32;      // bytes of a stage's x
   static constexpr int STAGE = CODES + XB;
   static constexpr int SMEM = S * STAGE;
+  static_assert(NT == KB * 32, "a stage's codes: one 16-byte chunk a thread per column block");
+  static_assert(BM == 2 * (NT / 2), "a stage's x: two rows a thread (BM / 2 apart), one half of each");
 };
+
+// A thread's 8 adjacent columns of one row, with bias, as one 16-byte store.
+template <int DT> __device__ __forceinline__ void store_row8(u16* y, const float (&v)[8], const float (&b)[8]) {
+  uint4 o;
+  o.x = pack2<DT>(v[0] + b[0], v[1] + b[1]);
+  o.y = pack2<DT>(v[2] + b[2], v[3] + b[3]);
+  o.z = pack2<DT>(v[4] + b[4], v[5] + b[5]);
+  o.w = pack2<DT>(v[6] + b[6], v[7] + b[7]);
+  st_v4(y, o);
+}
+
+// Row d (0, 1) of row tile mt of the accumulators, as the 8 columns 8g .. 8g+7 in order:
+// acc[j][mt] = {y[m][n], y[m+1][n], y[m][n+1], y[m+1][n+1]}, n = 8g + 2j.
+template <int MT> __device__ __forceinline__ void row8(const float (&acc)[4][MT][4], int mt, int d, float (&v)[8]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    v[2 * j] = acc[j][mt][d];
+    v[2 * j + 1] = acc[j][mt][2 + d];
+  }
+}
 
 template <int DT>
 __global__ void __launch_bounds__(MidCfg::NT, 2)
@@ -965,47 +992,88 @@ __global__ void __launch_bounds__(MidCfg::NT, 2)
                   float* __restrict__ ws, int* __restrict__ counters, int M, int K, int ldx, int N, int Np,
                   int KT, int G, int gs16, int ktpb) {
   using C = MidCfg;
-  constexpr int MT = 8, KB = C::KB, S = C::S;
+  constexpr int MT = 8, KB = C::KB, S = C::S, WN = C::WN, HALF = C::BM / 2;
   extern __shared__ uint4 dyn[];
   __shared__ int s_last;
-  char* smem = reinterpret_cast<char*>(dyn);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int wn = warp % C::WN, wm = warp / C::WN;
+  const int wn = warp % WN, wm = warp / WN;
   const int NB = Np >> 6;
-  const int nb0 = blockIdx.x * C::WN, m0 = blockIdx.y * C::BM;
+  const int nb0 = blockIdx.x * WN, m0 = blockIdx.y * C::BM;
   const int ks = blockIdx.z, KS = gridDim.z;
   const int kb0 = ks * ktpb, kb1 = min(KT, kb0 + ktpb);
   const int nb = nb0 + wn;
-  const bool has_nb = nb < NB;  // warp-uniform: the last column tile may hang past Np
+  const int mw = m0 + wm * 64;  // this warp's first row
+  const bool active = nb < NB && mw < M;  // warp-uniform: a column block past Np, or rows all past M
+  const int mts = min(MT, (M - mw + 7) >> 3);  // row tiles with a real row (when active)
   const int ncol = nb * 64 + 8 * g;
 
+  // This thread's copies, the same in every stage: code chunk (tile kc, chunk lc) of each column block;
+  // x rows rx and rx + HALF, half hx (8 k), of every tile.
+  const u32 sbase = smem_addr(dyn);
+  const int kc = tid >> 5, lc = tid & 31, rx = tid >> 1, hx = tid & 1;
+  const uint4* csrc[WN];
+  bool cok[WN];
+#pragma unroll
+  for (int w = 0; w < WN; ++w) {
+    cok[w] = nb0 + w < NB;
+    csrc[w] = wq + ((size_t)(cok[w] ? nb0 + w : 0) * KT + kc) * 32 + lc;
+  }
+  const u16* xsrc[2];
+  bool xok[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    xok[i] = m0 + rx + i * HALF < M;
+    xsrc[i] = x + (size_t)(xok[i] ? m0 + rx + i * HALF : 0) * ldx + 8 * hx;
+  }
+  const u32 cdst = kc * 512 + 16 * lc, xdst = C::CODES + rx * 32 + 16 * hx;
+
   auto load_stage = [&](int slot, int kt0) {
-    char* st = smem + slot * C::STAGE;
+    const u32 st = sbase + slot * C::STAGE;
+    if (kt0 + kc < kb1) {
 #pragma unroll
-    for (int c = tid; c < C::WN * KB * 32; c += C::NT) {  // codes: column block w, tile kk, 16-byte chunk l
-      const int w = c / (KB * 32), r = c - w * (KB * 32), kk = r >> 5, l = r & 31;
-      const int nbc = nb0 + w, kt = kt0 + kk;
-      if (nbc < NB && kt < kb1) cp_async16_cg(st + (w * KB + kk) * 512 + 16 * l, wq + ((size_t)nbc * KT + kt) * 32 + l);
+      for (int w = 0; w < WN; ++w)
+        if (cok[w]) cp_async16_cg_s(st + w * KB * 512 + cdst, csrc[w] + (size_t)kt0 * 32);
     }
-    char* sx = st + C::CODES;
 #pragma unroll
-    for (int c = tid; c < KB * C::BM * 2; c += C::NT) {  // x: tile kk, row r, half h (8 k)
-      const int kk = c / (C::BM * 2), r = (c >> 1) % C::BM, h = c & 1;
-      const int row = m0 + r, k = 16 * (kt0 + kk) + 8 * h;
-      const bool ok = row < M && k < K && kt0 + kk < kb1;
-      cp_async16_zfill(sx + (kk * C::BM + r) * 32 + 16 * h, ok ? (const void*)(x + (size_t)row * ldx + k) : (const void*)x,
-                       ok);
+    for (int kk = 0; kk < KB; ++kk) {
+      const int k = 16 * (kt0 + kk) + 8 * hx;
+      const bool kin = kt0 + kk < kb1 && k < K;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const bool ok = kin && xok[i];
+        cp_async16_zfill_s(st + xdst + kk * C::BM * 32 + i * HALF * 32, ok ? (const void*)(xsrc[i] + 16 * (kt0 + kk)) : (const void*)x, ok);
+      }
     }
   };
 
   float acc[4][MT][4];
   zero_acc<MT>(acc);
-  int cur = -1;
+
+  // group of the current row block (cur), the first row block of the next one (bound), and that next
+  // group's raw scales and zeros, loaded a group ahead
+  int cur = min(kb0 / gs16, G - 1);
+  int bound = cur + 1 < G ? (cur + 1) * gs16 : 0x7fffffff;
   u32 ss[8], zz[8];
+  uint4 nsv = make_uint4(0u, 0u, 0u, 0u);
+  u32 nzv = 0u;
+  if (active) {
+    const uint4 sv = ld_v4(scales + (size_t)cur * Np + ncol);
+    const u32 zv = ld_u32(qzeros + (size_t)cur * (Np >> 3) + (ncol >> 3));
 #pragma unroll
-  for (int c = 0; c < 8; ++c) ss[c] = zz[c] = 0u;
+    for (int c = 0; c < 8; ++c) {
+      ss[c] = scale2(sv, c);
+      zz[c] = zero2<DT>(zv, c);
+    }
+    if (cur + 1 < G) {
+      nsv = ld_v4(scales + (size_t)(cur + 1) * Np + ncol);
+      nzv = ld_u32(qzeros + (size_t)(cur + 1) * (Np >> 3) + (ncol >> 3));
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) ss[c] = zz[c] = 0u;
+  }
 
   const int iters = (kb1 - kb0 + KB - 1) / KB;
 #pragma unroll
@@ -1013,12 +1081,13 @@ __global__ void __launch_bounds__(MidCfg::NT, 2)
     if (i < iters) load_stage(i, kb0 + i * KB);
     cp_async_commit();  // empty groups past the end keep the count uniform
   }
+  const char* smem = reinterpret_cast<const char*>(dyn);
   for (int it = 0; it < iters; ++it) {
     cp_async_wait<S - 2>();
     __syncthreads();  // stage it has landed for every thread, and no warp still reads stage it - 1
     if (it + S - 1 < iters) load_stage((it + S - 1) % S, kb0 + (it + S - 1) * KB);
     cp_async_commit();
-    if (has_nb) {
+    if (active) {
       const char* st = smem + (it % S) * C::STAGE;
       const char* sc = st + wn * KB * 512 + 16 * lane;
       const char* sx = st + C::CODES + wm * 64 * 32;
@@ -1026,15 +1095,17 @@ __global__ void __launch_bounds__(MidCfg::NT, 2)
       for (int kk = 0; kk < KB; ++kk) {
         const int kt = kb0 + it * KB + kk;
         if (kt < kb1) {
-          const int grp = min(kt / gs16, G - 1);
-          if (grp != cur) {  // warp-uniform
-            cur = grp;
-            const uint4 sv = ld_v4(scales + (size_t)grp * Np + ncol);
-            const u32 zv = ld_u32(qzeros + (size_t)grp * (Np >> 3) + (ncol >> 3));
+          if (kt >= bound) {  // warp-uniform: the next group (row blocks go up by one, groups by at most one)
+            ++cur;
+            bound = cur + 1 < G ? bound + gs16 : 0x7fffffff;
 #pragma unroll
             for (int c = 0; c < 8; ++c) {
-              ss[c] = scale2(sv, c);
-              zz[c] = zero2<DT>(zv, c);
+              ss[c] = scale2(nsv, c);
+              zz[c] = zero2<DT>(nzv, c);
+            }
+            if (cur + 1 < G) {
+              nsv = ld_v4(scales + (size_t)(cur + 1) * Np + ncol);
+              nzv = ld_u32(qzeros + (size_t)(cur + 1) * (Np >> 3) + (ncol >> 3));
             }
           }
           const uint4 wv = *reinterpret_cast<const uint4*>(sc + kk * 512);
@@ -1050,7 +1121,8 @@ __global__ void __launch_bounds__(MidCfg::NT, 2)
               a[s] = dq<DT>(w, s, zz[c], ss[c]);
             }
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) mma16816<DT>(acc[j][mt], a, xb[mt][0], xb[mt][1]);
+            for (int mt = 0; mt < MT; ++mt)
+              if (mt < mts) mma16816<DT>(acc[j][mt], a, xb[mt][0], xb[mt][1]);
           }
         }
       }
@@ -1058,34 +1130,49 @@ __global__ void __launch_bounds__(MidCfg::NT, 2)
   }
   cp_async_wait<0>();
 
-  // C fragment: acc[j][mt] = {y[m][n], y[m+1][n], y[m][n+1], y[m+1][n+1]}, m = mw + 8mt + 2t, n = 64nb + 8g + 2j.
-  const int mw = m0 + wm * 64;
+  // a thread's outputs: rows mw + 8mt + 2t + d (d < 2) x columns ncol .. ncol + 7 (all < N or none)
+  float bv[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) bv[i] = 0.f;
+  const bool cols = active && ncol < N;
+  if (cols && bias != nullptr) {
+    const uint4 b = ld_v4(bias + ncol);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      bv[2 * i] = to_f32<DT>((u16)(word(b, i) & 0xFFFFu));
+      bv[2 * i + 1] = to_f32<DT>((u16)(word(b, i) >> 16));
+    }
+  }
   if (KS == 1) {
-    if (has_nb) {
+    if (cols) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int m = mw + 8 * mt + 2 * t, n = ncol + 2 * j;
-          if (n < N && m < M) store_pair<DT>(y + (size_t)m * N + n, bias, n, make_float2(acc[j][mt][0], acc[j][mt][2]));
-          if (n < N && m + 1 < M)
-            store_pair<DT>(y + (size_t)(m + 1) * N + n, bias, n, make_float2(acc[j][mt][1], acc[j][mt][3]));
+        for (int d = 0; d < 2; ++d) {
+          const int m = mw + 8 * mt + 2 * t + d;
+          if (m < M) {
+            float v[8];
+            row8<MT>(acc, mt, d, v);
+            store_row8<DT>(y + (size_t)m * N + ncol, v, bv);
+          }
         }
-      }
     }
     return;
   }
-  if (has_nb) {
+  if (active) {
     float* part = ws + (size_t)ks * M * Np;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int m = mw + 8 * mt + 2 * t, n = ncol + 2 * j;
-        if (m < M) st_f2(part + (size_t)m * Np + n, acc[j][mt][0], acc[j][mt][2]);
-        if (m + 1 < M) st_f2(part + (size_t)(m + 1) * Np + n, acc[j][mt][1], acc[j][mt][3]);
+      for (int d = 0; d < 2; ++d) {
+        const int m = mw + 8 * mt + 2 * t + d;
+        if (m < M) {
+          float v[8];
+          row8<MT>(acc, mt, d, v);
+          st_f4(part + (size_t)m * Np + ncol, make_float4(v[0], v[1], v[2], v[3]));
+          st_f4(part + (size_t)m * Np + ncol + 4, make_float4(v[4], v[5], v[6], v[7]));
+        }
       }
-    }
   }
   __threadfence();
   __syncthreads();
@@ -1094,26 +1181,54 @@ __global__ void __launch_bounds__(MidCfg::NT, 2)
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  if (has_nb) {
+  if (cols) {
+    // sum[mt][d][8] in the accumulators' registers: ws[0], then ws[1], ... (the same order whichever block
+    // is last); half the row tiles at a time, so each slice's 32 loads are in flight together
+    zero_acc<MT>(acc);
+    for (int k2 = 0; k2 < KS; ++k2) {
+      const float* src = ws + (size_t)k2 * M * Np + ncol;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+      for (int h = 0; h < 2; ++h) {
+        float4 v[4][2][2];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int n = ncol + 2 * j;
+        for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int d = 0; d < 2; ++d) {
-          const int m = mw + 8 * mt + 2 * t + d;
-          if (n >= N || m >= M) continue;
-          float2 sum = make_float2(0.f, 0.f);
-          for (int k2 = 0; k2 < KS; ++k2) {  // in order: the same sums whichever block came last
-            const float2 v = ld_cg_f2(ws + ((size_t)k2 * M + m) * Np + n);
-            sum.x += v.x;
-            sum.y += v.y;
+          for (int d = 0; d < 2; ++d) {
+            const int m = mw + 8 * (4 * h + i) + 2 * t + d;
+            if (m < M) {
+              v[i][d][0] = ld_cg_f4(src + (size_t)m * Np);
+              v[i][d][1] = ld_cg_f4(src + (size_t)m * Np + 4);
+            } else {
+              v[i][d][0] = v[i][d][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+            }
           }
-          store_pair<DT>(y + (size_t)m * N + n, bias, n, sum);
-        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int d = 0; d < 2; ++d) {
+            const int mt = 4 * h + i;
+            acc[0][mt][d] += v[i][d][0].x;
+            acc[0][mt][2 + d] += v[i][d][0].y;
+            acc[1][mt][d] += v[i][d][0].z;
+            acc[1][mt][2 + d] += v[i][d][0].w;
+            acc[2][mt][d] += v[i][d][1].x;
+            acc[2][mt][2 + d] += v[i][d][1].y;
+            acc[3][mt][d] += v[i][d][1].z;
+            acc[3][mt][2 + d] += v[i][d][1].w;
+          }
       }
     }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int d = 0; d < 2; ++d) {
+        const int m = mw + 8 * mt + 2 * t + d;
+        if (m < M) {
+          float v[8];
+          row8<MT>(acc, mt, d, v);
+          store_row8<DT>(y + (size_t)m * N + ncol, v, bv);
+        }
+      }
   }
   if (tid == 0) counters[tile] = 0;  // ready for the next launch on this stream
 }

@@ -15,7 +15,7 @@ Kernels over one prepared weight layout (`repack`, described at the top of int4.
     and compiled but not yet run on a GPU: off unless MID_ENABLED (SCORER_INT4_MID=1).
 `gemm_small` is the fused path (gemv up to 16 rows, gemm_tiles above); `matmul` picks between it and
 dequant + cuBLAS by m, with a crossover measured once per (device, shape, dtype) at first use (and, with
-gemm_mid on, a second one for it above m = 64).
+gemm_mid on, above m = 64 gemm_mid or dequant + cuBLAS per bucket of MID_PROBES, measured the same way).
 
 The wrappers only check dtype, shape, contiguity, alignment and device (ValueError) and launch: no host
 syncs, no allocation in the steady state (the scratch buffer and split-K workspace are shared by all
@@ -25,6 +25,7 @@ layers share the scratch, which stream order makes safe.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import statistics
@@ -132,7 +133,7 @@ class Int4Weight:
     # measured or planned once per layer, at first use (see gemv_ring, crossover, gemv)
     rings: dict[int, int] = field(default_factory=dict, repr=False, compare=False)  # mt -> gemv ring
     cross: int | None = field(default=None, repr=False, compare=False)  # the fused path's largest m
-    mid_cross: int | None = field(default=None, repr=False, compare=False)  # gemm_mid's largest m (0: none)
+    mid_wins: tuple[bool, ...] | None = field(default=None, repr=False, compare=False)  # per MID_PROBES bucket
     plans: dict[tuple[int, int], "_GemvPlan"] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -350,8 +351,8 @@ def scratch_bytes(w: Int4Weight) -> int:
     for m in (32, 64):
         xg, part, _ = _tiles_layout(w, m)
         need = max(need, xg + part)
-    if MID_ENABLED:
-        for m in MID_PROBES:
+    if MID_ENABLED:  # partials grow with m's row tiles, x with m: the last m of each row-tile count
+        for m in range(MID_BM, MID_MAX_M + 1, MID_BM):
             xg, part, _, _ = _mid_layout(w, m)
             need = max(need, xg + part)
     return need
@@ -757,28 +758,36 @@ def measure_crossover(w: Int4Weight, probes: tuple[int, ...] = CROSSOVER_PROBES)
     return c
 
 
-_mid_crossover: dict[tuple, int] = {}
+_mid_wins: dict[tuple, tuple[bool, ...]] = {}
 
 
-def mid_crossover(w: Int4Weight) -> int:
-    """Largest m for which gemm_mid is used above MAX_FUSED_M (0: never; always 0 unless MID_ENABLED);
-    measured once per (device, K, N, dtype, act) at first use, never inside a graph capture."""
+def mid_wins(w: Int4Weight) -> tuple[bool, ...]:
+    """Per bucket of MID_PROBES (m up to the probe, above the one before; the first from MAX_FUSED_M),
+    whether gemm_mid beat dequant + cuBLAS there: measured once per (device, K, N, dtype, act) at first
+    use, never inside a graph capture (there, until measured: no bucket). All False unless MID_ENABLED."""
     if not MID_ENABLED:
-        return 0
-    if w.mid_cross is not None:
-        return w.mid_cross
+        return (False,) * len(MID_PROBES)
+    if w.mid_wins is not None:
+        return w.mid_wins
     key = (w.qweight.device.index, w.k, w.n, w.dtype, w.perm is not None)
-    c = _mid_crossover.get(key)
-    if c is None:
+    wins = _mid_wins.get(key)
+    if wins is None:
         if torch.cuda.is_current_stream_capturing():
-            return 0  # cannot time inside a graph capture: dequant + cuBLAS, the path that always runs
-        c = _mid_crossover[key] = measure_mid_crossover(w)
-    w.mid_cross = c
-    return c
+            return (False,) * len(MID_PROBES)  # cannot time inside a capture: dequant + cuBLAS always runs
+        wins = _mid_wins[key] = measure_mid_wins(w)
+    w.mid_wins = wins
+    return wins
 
 
-def measure_mid_crossover(w: Int4Weight, probes: tuple[int, ...] = MID_PROBES) -> int:
-    """Time gemm_mid and dequant + cuBLAS on this layer at m in `probes`; the largest m where gemm_mid wins."""
+def uses_mid(w: Int4Weight, m: int) -> bool:
+    """Whether `matmul` runs gemm_mid at m rows: the measured answer of m's bucket."""
+    if not MAX_FUSED_M < m <= MID_MAX_M:
+        return False
+    return mid_wins(w)[bisect.bisect_left(MID_PROBES, m)]
+
+
+def measure_mid_wins(w: Int4Weight, probes: tuple[int, ...] = MID_PROBES) -> tuple[bool, ...]:
+    """Time gemm_mid and dequant + cuBLAS on this layer at each m of `probes`: where gemm_mid wins."""
     dev = w.qweight.device
     x = torch.randn(max(probes), w.k, device=dev, dtype=w.dtype)
     y = torch.empty(max(probes), w.n, device=dev, dtype=w.dtype)
@@ -789,14 +798,13 @@ def measure_mid_crossover(w: Int4Weight, probes: tuple[int, ...] = MID_PROBES) -
         dequant_matmul(xm, w)
         t_mid = _gpu_time(lambda: gemm_mid(xm, w, ym))
         t_deq = _gpu_time(lambda: dequant_matmul(xm, w))
-        if t_mid < t_deq:
-            wins.append(m)
-        log.debug("int4 mid crossover K=%d N=%d m=%d: gemm_mid %.1f us, dequant+cuBLAS %.1f us", w.k, w.n, m,
-                  t_mid * 1e6, t_deq * 1e6)
-    c = max(wins, default=0)
-    log.info("int4 K=%d N=%d %s on %s: gemm_mid for %d < m <= %d (measured)", w.k, w.n,
-             str(w.dtype).removeprefix("torch."), torch.cuda.get_device_name(dev), MAX_FUSED_M, c)
-    return c
+        wins.append(t_mid < t_deq)
+        log.debug("int4 gemm_mid K=%d N=%d m=%d: %.1f us, dequant+cuBLAS %.1f us", w.k, w.n, m, t_mid * 1e6,
+                  t_deq * 1e6)
+    log.info("int4 K=%d N=%d %s on %s: gemm_mid at m <= %s of %s (measured)", w.k, w.n,
+             str(w.dtype).removeprefix("torch."), torch.cuda.get_device_name(dev),
+             [p for p, won in zip(probes, wins) if won], list(probes))
+    return tuple(wins)
 
 
 def matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
@@ -804,7 +812,7 @@ def matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     m = x.shape[0]
     if m <= MAX_FUSED_M and m <= crossover(w):
         return gemm_small(x, w, torch.empty(m, w.n, device=x.device, dtype=x.dtype))
-    if MAX_FUSED_M < m <= MID_MAX_M and m <= mid_crossover(w):
+    if uses_mid(w, m):
         return gemm_mid(x, w, torch.empty(m, w.n, device=x.device, dtype=x.dtype))
     return dequant_matmul(x, w)
 
@@ -891,7 +899,7 @@ def bandwidth_bytes(w: Int4Weight) -> int:
 __all__ = [
     "Int4Weight", "available", "bandwidth_bytes", "crossover", "dequant", "dequant_matmul", "dequant_rows",
     "gemm_mid", "gemm_small", "gemm_tiles", "gemv", "gemv_layout", "gemv_pieces", "gemv_ring", "int4_matmul",
-    "linear", "matmul", "measure_crossover", "measure_mid_crossover", "mid_crossover", "mid_split", "mt_of",
+    "linear", "matmul", "measure_crossover", "measure_mid_wins", "mid_split", "mid_wins", "mt_of",
     "padded", "reference_matmul", "reference_weight", "register", "repack", "reserve", "split_k", "unrepack",
-    "warps_of",
+    "uses_mid", "warps_of",
 ]

@@ -221,19 +221,25 @@ def test_gemm_mid_is_deterministic_and_reusable(m, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dispatch_with_gemm_mid(monkeypatch, dtype):
-    """With gemm_mid on (MID_ENABLED), Int4Linear takes it where its measured crossover says, and every m
-    around both crossovers still agrees with the reference."""
+    """With gemm_mid on (MID_ENABLED), Int4Linear takes it in the buckets where it measured faster, and every
+    m at and past each bucket's edge agrees with the reference."""
     from scorer.kernels import int4
 
     monkeypatch.setattr(int4, "MID_ENABLED", True)
     k, n = 4096, 4096
     lin, case = layer_on_gpu(k, n, 128, v1=True, sym=False, act=True, dtype=dtype, bias=True)
     w = lin._weight()
-    c = int4.mid_crossover(w)
-    assert c == 0 or int4.MAX_FUSED_M < c <= int4.MID_MAX_M
-    for m in sorted({64, 65, 100, max(c, 65), c + 1, 1024, 1025}):
+    wins = int4.mid_wins(w)
+    assert len(wins) == len(int4.MID_PROBES) and w.mid_wins == wins  # measured once, kept by the layer
+    ran = []
+    real = int4.gemm_mid
+    monkeypatch.setattr(int4, "gemm_mid", lambda x, w, out: ran.append(x.shape[0]) or real(x, w, out))
+    ms = sorted({64, 65, 100, 1024, 1025, *int4.MID_PROBES, *(p + 1 for p in int4.MID_PROBES[:-1])})
+    for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         assert_close_rel(lin(x), reference_y(x, case, dtype, lin.bias), dtype)
+    assert ran == [m for m in ms if int4.uses_mid(w, m)]
+    assert not any(int4.uses_mid(w, m) for m in (64, 1025))
 
 
 def test_wrappers_reject_bad_input():
@@ -293,7 +299,7 @@ def test_small_llama_gptq_on_gpu_matches_dequantized_bf16():
 
 
 def test_small_llama_gptq_through_gemm_mid_matches_dequantized_bf16(monkeypatch):
-    """The same model check with every 65..1024-row linear on gemm_mid (its crossover forced): 256 tokens."""
+    """The same model check with every 65..1024-row linear on gemm_mid (forced on): 256 tokens."""
     import model_check
 
     from scorer.kernels import int4
@@ -301,7 +307,7 @@ def test_small_llama_gptq_through_gemm_mid_matches_dequantized_bf16(monkeypatch)
     calls = []
     real = int4.gemm_mid
     monkeypatch.setattr(int4, "MID_ENABLED", True)
-    monkeypatch.setattr(int4, "mid_crossover", lambda w: int4.MID_MAX_M)
+    monkeypatch.setattr(int4, "uses_mid", lambda w, m: int4.MAX_FUSED_M < m <= int4.MID_MAX_M)
     monkeypatch.setattr(int4, "gemm_mid", lambda x, w, out: calls.append(x.shape[0]) or real(x, w, out))
     res = model_check.run(layers=2, seq=64, rows=4)
     assert calls and set(calls) == {256}, sorted(set(calls))

@@ -212,21 +212,22 @@ def test_gemm_mid_stages_feed_each_lane_its_fragments(k, n, m):
                 kb0, kb1 = z * per, min(KT, z * per + per)
                 for kt0 in range(kb0, kb1, KB):
                     st = np.full(CODES + KB * BM * 32, 0xAB, dtype=np.uint8)  # a stale stage
-                    for tid in range(NT):
-                        for c in range(tid, WN * KB * 32, NT):
-                            w = c // (KB * 32)
-                            r = c - w * (KB * 32)
-                            kk, l = r >> 5, r & 31
-                            nbc, kt = nb0 + w, kt0 + kk
-                            if nbc < NB and kt < kb1:
-                                src = ((nbc * KT + kt) * 32 + l) * 16
-                                st[(w * KB + kk) * 512 + 16 * l:][:16] = wq_bytes[src: src + 16]
-                        for c in range(tid, KB * BM * 2, NT):
-                            kk, r, h = c // (BM * 2), (c >> 1) % BM, c & 1
-                            row, kcol = m0 + r, 16 * (kt0 + kk) + 8 * h
-                            ok = row < m and kcol < k and kt0 + kk < kb1
-                            src = (row * k + kcol) * 2
-                            st[CODES + (kk * BM + r) * 32 + 16 * h:][:16] = x_bytes[src: src + 16] if ok else 0
+                    for tid in range(NT):  # load_stage: each thread's fixed chunks
+                        kc, lc, rx, hx = tid >> 5, tid & 31, tid >> 1, tid & 1
+                        if kt0 + kc < kb1:
+                            for w in range(WN):
+                                if nb0 + w < NB:
+                                    src = (((nb0 + w) * KT + kc) * 32 + lc + kt0 * 32) * 16
+                                    st[w * KB * 512 + kc * 512 + 16 * lc:][:16] = wq_bytes[src: src + 16]
+                        for kk in range(KB):
+                            kcol = 16 * (kt0 + kk) + 8 * hx
+                            kin = kt0 + kk < kb1 and kcol < k
+                            for i in range(2):
+                                row = m0 + rx + i * (BM // 2)
+                                ok = kin and row < m
+                                src = (row * k + kcol) * 2
+                                dst = CODES + rx * 32 + 16 * hx + kk * BM * 32 + i * (BM // 2) * 32
+                                st[dst: dst + 16] = x_bytes[src: src + 16] if ok else 0
                     for warp in range(WM * WN):
                         wn, wm = warp % WN, warp // WN
                         nb = nb0 + wn
@@ -250,6 +251,22 @@ def test_gemm_mid_stages_feed_each_lane_its_fragments(k, n, m):
                                         want[: max(0, min(4, k - k0))] = x[row, k0: k0 + 4]
                                     assert np.array_equal(got, want), (nb, kt, lane, mt)
     assert (seen == 1).all()  # every (column block, row block, 64 rows) once: none lost, none twice
+
+
+def test_uses_mid_takes_each_buckets_measured_answer(monkeypatch):
+    """m in (64, 96] asks the 96 probe, (96, 128] the 128 one, ...; nothing outside (64, 1024], and nothing
+    at all unless MID_ENABLED."""
+    w = int4.Int4Weight(torch.zeros(1, 1, 32, 4, dtype=torch.int32), torch.zeros(1, 64), torch.zeros(1, 8), None,
+                        None, 16, 64, 1)
+    probes = int4.MID_PROBES
+    w.mid_wins = tuple(i % 2 == 1 for i in range(len(probes)))  # 128, 256, 512, 1024 won
+    monkeypatch.setattr(int4, "MID_ENABLED", False)
+    assert not any(int4.uses_mid(w, m) for m in range(1, 1100))
+    monkeypatch.setattr(int4, "MID_ENABLED", True)
+    got = {m for m in range(1, 1100) if int4.uses_mid(w, m)}
+    lows = (int4.MAX_FUSED_M, *probes[:-1])
+    want = {m for lo, hi, won in zip(lows, probes, w.mid_wins) if won for m in range(lo + 1, hi + 1)}
+    assert got == want and min(got) == 97 and max(got) == 1024 and 129 not in got
 
 
 def test_mid_split_covers_every_row_block_in_whole_stages():
