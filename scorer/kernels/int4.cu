@@ -961,6 +961,8 @@ struct MidCfg {
   static constexpr int XB = KB * BM * 32;      // bytes of a stage's x
   static constexpr int STAGE = CODES + XB;
   static constexpr int SMEM = S * STAGE;
+  // load_stage's fixed per-thread chunks hold for this shape only (MID_WN = 2, MID_KB = 4 with MID_WM = 2):
+  // another tile shape needs its own copy loop
   static_assert(NT == KB * 32, "a stage's codes: one 16-byte chunk a thread per column block");
   static_assert(BM == 2 * (NT / 2), "a stage's x: two rows a thread (BM / 2 apart), one half of each");
 };
@@ -1038,8 +1040,9 @@ __global__ void __launch_bounds__(MidCfg::NT, 2)
     }
 #pragma unroll
     for (int kk = 0; kk < KB; ++kk) {
+      if (kt0 + kk >= kb1) break;  // past the slice: never read
       const int k = 16 * (kt0 + kk) + 8 * hx;
-      const bool kin = kt0 + kk < kb1 && k < K;
+      const bool kin = k < K;
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const bool ok = kin && xok[i];
@@ -1131,19 +1134,22 @@ __global__ void __launch_bounds__(MidCfg::NT, 2)
   cp_async_wait<0>();
 
   // a thread's outputs: rows mw + 8mt + 2t + d (d < 2) x columns ncol .. ncol + 7 (all < N or none)
-  float bv[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) bv[i] = 0.f;
   const bool cols = active && ncol < N;
-  if (cols && bias != nullptr) {
-    const uint4 b = ld_v4(bias + ncol);
+  float bv[8];
+  auto load_bias = [&]() {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      bv[2 * i] = to_f32<DT>((u16)(word(b, i) & 0xFFFFu));
-      bv[2 * i + 1] = to_f32<DT>((u16)(word(b, i) >> 16));
+    for (int i = 0; i < 8; ++i) bv[i] = 0.f;
+    if (cols && bias != nullptr) {
+      const uint4 b = ld_v4(bias + ncol);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        bv[2 * i] = to_f32<DT>((u16)(word(b, i) & 0xFFFFu));
+        bv[2 * i + 1] = to_f32<DT>((u16)(word(b, i) >> 16));
+      }
     }
-  }
+  };
   if (KS == 1) {
+    load_bias();
     if (cols) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
@@ -1181,6 +1187,7 @@ __global__ void __launch_bounds__(MidCfg::NT, 2)
   __syncthreads();
   if (!s_last) return;
   __threadfence();
+  load_bias();
   if (cols) {
     // sum[mt][d][8] in the accumulators' registers: ws[0], then ws[1], ... (the same order whichever block
     // is last); half the row tiles at a time, so each slice's 32 loads are in flight together

@@ -231,6 +231,7 @@ def test_dispatch_with_gemm_mid(monkeypatch, dtype):
     w = lin._weight()
     wins = int4.mid_wins(w)
     assert len(wins) == len(int4.MID_PROBES) and w.mid_wins == wins  # measured once, kept by the layer
+    w.mid_wins = tuple(i % 2 == 0 for i in range(len(wins)))  # whatever was measured: both paths run below
     ran = []
     real = int4.gemm_mid
     monkeypatch.setattr(int4, "gemm_mid", lambda x, w, out: ran.append(x.shape[0]) or real(x, w, out))
@@ -238,7 +239,7 @@ def test_dispatch_with_gemm_mid(monkeypatch, dtype):
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         assert_close_rel(lin(x), reference_y(x, case, dtype, lin.bias), dtype)
-    assert ran == [m for m in ms if int4.uses_mid(w, m)]
+    assert ran and ran == [m for m in ms if int4.uses_mid(w, m)] and len(ran) < len(ms)
     assert not any(int4.uses_mid(w, m) for m in (64, 1025))
 
 

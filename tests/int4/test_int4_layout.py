@@ -220,8 +220,10 @@ def test_gemm_mid_stages_feed_each_lane_its_fragments(k, n, m):
                                     src = (((nb0 + w) * KT + kc) * 32 + lc + kt0 * 32) * 16
                                     st[w * KB * 512 + kc * 512 + 16 * lc:][:16] = wq_bytes[src: src + 16]
                         for kk in range(KB):
+                            if kt0 + kk >= kb1:
+                                break  # past the slice: not copied (and never read)
                             kcol = 16 * (kt0 + kk) + 8 * hx
-                            kin = kt0 + kk < kb1 and kcol < k
+                            kin = kcol < k
                             for i in range(2):
                                 row = m0 + rx + i * (BM // 2)
                                 ok = kin and row < m
@@ -251,6 +253,57 @@ def test_gemm_mid_stages_feed_each_lane_its_fragments(k, n, m):
                                         want[: max(0, min(4, k - k0))] = x[row, k0: k0 + 4]
                                     assert np.array_equal(got, want), (nb, kt, lane, mt)
     assert (seen == 1).all()  # every (column block, row block, 64 rows) once: none lost, none twice
+
+
+def test_gemm_mid_group_tracking_equals_the_group_of_each_row_block():
+    """int4_gemm_mid follows groups with a running bound instead of min(kt / gs16, G - 1) per tile: the same
+    group for every row block of every split-K slice, the clamp at G - 1 and G = 1 included."""
+    INF, KB = 0x7FFFFFFF, int4.MID_KB
+    for gs16 in (1, 2, 4, 8, 1 << 20):
+        for KT in range(1, 41):
+            for G in (range(1, -(-KT // gs16) + 3) if gs16 < 100 else (1,)):
+                for per in range(KB, KT + KB, KB):
+                    for z in range(-(-KT // per)):
+                        kb0, kb1 = z * per, min(KT, z * per + per)
+                        cur = min(kb0 // gs16, G - 1)
+                        bound = (cur + 1) * gs16 if cur + 1 < G else INF
+                        for kt in range(kb0, kb1):  # the kernel's (it, kk) walk, in order
+                            if kt >= bound:
+                                cur += 1
+                                bound = bound + gs16 if cur + 1 < G else INF
+                            assert cur == min(kt // gs16, G - 1), (gs16, KT, G, per, z, kt)
+
+
+def test_gemm_mid_epilogue_rows_round_trip_the_fragments():
+    """row8 gives a lane's 8 adjacent columns of one row in order, and the last block's sum puts slice
+    partials (written by row8, read back as two float4) into the same accumulator slots."""
+    for g in range(8):
+        for t in range(4):
+            acc = {}
+            for j in range(4):
+                for mt in range(8):
+                    m, n = 8 * mt + 2 * t, 8 * g + 2 * j  # acc[j][mt] = {y[m][n], y[m+1][n], y[m][n+1], y[m+1][n+1]}
+                    acc[j, mt, 0], acc[j, mt, 1], acc[j, mt, 2], acc[j, mt, 3] = (m, n), (m + 1, n), (m, n + 1), (m + 1, n + 1)
+            ws = {}
+            for mt in range(8):
+                for d in range(2):
+                    v = [None] * 8
+                    for j in range(4):  # row8
+                        v[2 * j], v[2 * j + 1] = acc[j, mt, d], acc[j, mt, 2 + d]
+                    m = 8 * mt + 2 * t + d
+                    assert v == [(m, 8 * g + c) for c in range(8)]
+                    for c in range(8):
+                        ws[m, 8 * g + c] = v[c]
+            back = {}
+            for h in range(2):
+                for i in range(4):
+                    for d in range(2):
+                        mt, m = 4 * h + i, 8 * (4 * h + i) + 2 * t + d
+                        v0 = [ws[m, 8 * g + c] for c in range(4)]
+                        v1 = [ws[m, 8 * g + 4 + c] for c in range(4)]
+                        back[0, mt, d], back[0, mt, 2 + d], back[1, mt, d], back[1, mt, 2 + d] = v0
+                        back[2, mt, d], back[2, mt, 2 + d], back[3, mt, d], back[3, mt, 2 + d] = v1
+            assert back == acc
 
 
 def test_uses_mid_takes_each_buckets_measured_answer(monkeypatch):
