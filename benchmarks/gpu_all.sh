@@ -24,8 +24,8 @@ for s in $steps; do
     pipeline) timeout $T_PIPE python benchmarks/pipeline_gpu.py --texts "$TEXTS" --shards 8 2>&1 | grep -v "^\[scorer" | tee "$OUT/pipeline.log" | tail -12 ;;
     int4) timeout $T_INT4 python benchmarks/int4.py --out "$OUT" 2>&1 | tee "$OUT/int4_bench.log" | tail -5 ;;
     mid) timeout $T_TESTS python -m pytest -q -x -m gpu -p no:cacheprovider tests/int4/test_int4_gpu.py -k mid 2>&1 | tee "$OUT/mid_tests.log" | tail -8 \
-           && timeout $T_INT4 python benchmarks/int4.py --out "$OUT" --no-model --ms 64,100,128,256,512,1024 2>&1 | tee "$OUT/mid_bench.log" | tail -40 \
-           && timeout $T_INT4 python benchmarks/latency.py --variants int4+compile,int4+compile+mid,bf16+compile --cases 1x100,3x70,8x64,1x512,2x400 2>&1 | tee "$OUT/mid_latency.log" | tail -12 ;;
+           && timeout $T_INT4 python benchmarks/int4.py --out "$OUT" --no-model --ms 32,64,100,128,256,512,1024 2>&1 | tee "$OUT/mid_bench.log" | tail -40 \
+           && timeout $T_INT4 python benchmarks/latency.py --variants int4+compile,int4+compile+mid,bf16+compile --cases 1x48,1x100,3x70,8x64,1x512,2x400 2>&1 | tee "$OUT/mid_latency.log" | tail -12 ;;
     70b) timeout $T_70B python benchmarks/e2e.py --model-shape 70b --texts "${TEXTS_70B:-512}" --variants int4 2>&1 | tee "$OUT/e2e_70b.log" | tail -6 ;;
   esac
 done

@@ -42,7 +42,7 @@ SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 10240
 MS = [1, 4, 16, 64, 256, 1024, 4096, 16384]
 ROTATE_BYTES = 256 * 2**20  # rotate copies until the working set is 5x the 50 MB L2
 ALONE_S = 0.0  # --alone: seconds each path also runs alone at m >= 1024 (0: only in turns)
-MID = True  # --no-mid: leave gemm_mid out (it is timed at 64 <= m <= MID_MAX_M, whether the dispatch uses it or not)
+MID = True  # --no-mid: leave gemm_mid out (it is timed at 16 < m <= MID_MAX_M, whether the dispatch uses it or not)
 
 
 def _graph(fns) -> tuple[torch.cuda.CUDAGraph, int]:
@@ -204,14 +204,14 @@ def bench_shape(k: int, n: int, ms: list[int]) -> tuple[list[dict], dict]:
                     row[f"ring{r}_us"] = gpu_time([lambda i=i, r=r: int4.gemv(xs[i % nx], ws[i % nq], out, r)
                                                    for i in range(max(nq, nx))]) * 1e6
                 row["fused_TBps"] = (int4.bandwidth_bytes(w) - k * n * 2) / (row["fused_us"] * 1e-6) / 1e12
-        if MID and int4.MAX_FUSED_M <= m <= int4.MID_MAX_M:  # the block-tiled kernel against the path it would replace
+        if MID and int4.GEMV_MAX_M < m <= int4.MID_MAX_M:  # the block-tiled kernel against dequant + cuBLAS
             out = torch.empty(m, n, device="cuda", dtype=torch.float16)
             row["mid_us"] = gpu_time([lambda i=i: int4.gemm_mid(xs[i % nx], ws[i % nq], out)
                                       for i in range(max(nq, nx))]) * 1e6
             if "dequant_mm_us" not in row:
                 row["dequant_mm_us"] = gpu_time([lambda i=i: int4.dequant_matmul(xs[i % nx], ws[i % nq])
                                                  for i in range(max(nq, nx))]) * 1e6
-            row["mid_speedup"] = row["dequant_mm_us"] / row["mid_us"]
+            row["mid_speedup"] = row["int4_us"] / row["mid_us"]  # against what the dispatch ran (gemm_mid off)
             row["mid_TFLOPs"] = 2 * m * k * n / (row["mid_us"] * 1e-6) / 1e12
         if big:  # where the large-m time goes: cuBLAS NN alone, and the static-group (TN) path
             row["cublas_nn_us"] = big["nn"] * 1e6
@@ -246,14 +246,15 @@ def markdown(rows: list[dict], infos: list[dict], model: dict | None, device: st
                      f"{f1(r, 'dequant_mm_us')} | {f1(r, 'cublas_nn_us')} | {f1(r, 'static_us')} | {ss} |")
     mid = [r for r in rows if "mid_us" in r]
     if mid:
-        lines += ["", "gemm_mid (block-tiled, dequant in the mainloop) against dequant + cuBLAS, the path it would "
-                  "replace above m = 64, and fp16 cuBLAS on dense weights:", "",
-                  "| K x N | m | gemm_mid us | TFLOP/s | dequant+mm us | gemm_mid speedup | fp16 cuBLAS us | vs cuBLAS |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "gemm_mid (block-tiled, dequant in the mainloop) against the 4-bit path the dispatch runs "
+                  "without it (gemm_small below the crossover, else dequant + cuBLAS), dequant + cuBLAS alone, and "
+                  "fp16 cuBLAS on dense weights:", "",
+                  "| K x N | m | gemm_mid us | TFLOP/s | 4-bit path us | speedup vs path | dequant+mm us | "
+                  "fp16 cuBLAS us | vs cuBLAS |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in mid:
             lines.append(f"| {r['K']}x{r['N']} | {r['m']} | {r['mid_us']:.1f} | {r['mid_TFLOPs']:.0f} | "
-                         f"{r['dequant_mm_us']:.1f} | {r['mid_speedup']:.2f}x | {r['cublas_fp16_us']:.1f} | "
-                         f"{r['cublas_fp16_us'] / r['mid_us']:.2f}x |")
+                         f"{r['int4_us']:.1f} | {r['mid_speedup']:.2f}x | {r['dequant_mm_us']:.1f} | "
+                         f"{r['cublas_fp16_us']:.1f} | {r['cublas_fp16_us'] / r['mid_us']:.2f}x |")
     alone = [r for r in rows if "alone_speedup" in r]
     if alone:
         lines += ["", f"Each path alone under sustained load ({ALONE_S:g} s of back-to-back replays, the second half "
@@ -294,7 +295,7 @@ def main() -> int:
     ap.add_argument("--ms", default="", help="comma-separated m values (default: all of MS)")
     ap.add_argument("--alone", type=float, default=0.0,
                     help="at m >= 1024, also time cuBLAS and the 4-bit path each alone for this many seconds")
-    ap.add_argument("--no-mid", action="store_true", help="do not time gemm_mid (64 <= m <= 1024)")
+    ap.add_argument("--no-mid", action="store_true", help="do not time gemm_mid (16 < m <= 1024)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)

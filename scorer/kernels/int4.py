@@ -10,12 +10,12 @@ Kernels over one prepared weight layout (`repack`, described at the top of int4.
     the bulk copy engine, a stage per copy); which is faster depends on the layer's size, so it is timed
     once per layer shape at first use (`gemv_ring`). Both give bit-identical results.
   * `gemm_tiles`: m <= 64, a split-K fused tensor-core GEMM with a cp.async pipeline (the m > 16 side).
-  * `gemm_mid`: 64 < m <= MID_MAX_M, a block-tiled fused GEMM (128 x 128 output tiles, codes and x shared
+  * `gemm_mid`: 16 < m <= MID_MAX_M, a block-tiled fused GEMM (128 x 128 output tiles, codes and x shared
     by the block's warps in a cp.async ring, the dequant in the mainloop, deterministic split-K). Written
     and compiled but not yet run on a GPU: off unless MID_ENABLED (SCORER_INT4_MID=1).
 `gemm_small` is the fused path (gemv up to 16 rows, gemm_tiles above); `matmul` picks between it and
 dequant + cuBLAS by m, with a crossover measured once per (device, shape, dtype) at first use (and, with
-gemm_mid on, above m = 64 gemm_mid or dequant + cuBLAS per bucket of MID_PROBES, measured the same way).
+gemm_mid on, above gemv's 16 rows gemm_mid or what would run without it, per bucket of MID_PROBES).
 
 The wrappers only check dtype, shape, contiguity, alignment and device (ValueError) and launch: no host
 syncs, no allocation in the steady state (the scratch buffer and split-K workspace are shared by all
@@ -52,7 +52,7 @@ MID_MAX_M = 1024  # gemm_mid's largest m
 MID_WM, MID_WN, MID_KB, MID_S = 2, 2, 4, 4  # MID_* in int4.cu: warps down and across, tiles a stage, stages
 MID_BM, MID_BN, MID_NT = 64 * MID_WM, 64 * MID_WN, 32 * MID_WM * MID_WN  # block tile rows, columns; threads
 MID_SMEM = MID_S * (MID_WN * MID_KB * 512 + MID_KB * MID_BM * 32)  # MidCfg::SMEM
-MID_PROBES = (96, 128, 192, 256, 384, 512, 768, 1024)
+MID_PROBES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # upper ends of its buckets (the first from 16)
 MID_BLOCKS_PER_SM = 2  # its launch bounds; split-K aims at this many blocks a SM
 # Not yet run on a GPU: the dispatch leaves it out unless asked for.
 MID_ENABLED = os.environ.get("SCORER_INT4_MID", "") == "1"
@@ -762,9 +762,10 @@ _mid_wins: dict[tuple, tuple[bool, ...]] = {}
 
 
 def mid_wins(w: Int4Weight) -> tuple[bool, ...]:
-    """Per bucket of MID_PROBES (m up to the probe, above the one before; the first from MAX_FUSED_M),
-    whether gemm_mid beat dequant + cuBLAS there: measured once per (device, K, N, dtype, act) at first
-    use, never inside a graph capture (there, until measured: no bucket). All False unless MID_ENABLED."""
+    """Per bucket of MID_PROBES (m up to the probe, above the one before; the first above GEMV_MAX_M),
+    whether gemm_mid beat what `matmul` runs there without it (gemm_small below its crossover, else dequant
+    + cuBLAS): measured once per (device, K, N, dtype, act) at first use, never inside a graph capture
+    (there, until measured: no bucket). All False unless MID_ENABLED."""
     if not MID_ENABLED:
         return (False,) * len(MID_PROBES)
     if w.mid_wins is not None:
@@ -781,26 +782,28 @@ def mid_wins(w: Int4Weight) -> tuple[bool, ...]:
 
 def uses_mid(w: Int4Weight, m: int) -> bool:
     """Whether `matmul` runs gemm_mid at m rows: the measured answer of m's bucket."""
-    if not MAX_FUSED_M < m <= MID_MAX_M:
+    if not GEMV_MAX_M < m <= MID_MAX_M:
         return False
     return mid_wins(w)[bisect.bisect_left(MID_PROBES, m)]
 
 
 def measure_mid_wins(w: Int4Weight, probes: tuple[int, ...] = MID_PROBES) -> tuple[bool, ...]:
-    """Time gemm_mid and dequant + cuBLAS on this layer at each m of `probes`: where gemm_mid wins."""
+    """Time gemm_mid on this layer at each m of `probes` against the path `matmul` takes there without it
+    (gemm_small up to the measured crossover, dequant + cuBLAS above): where gemm_mid wins."""
     dev = w.qweight.device
     x = torch.randn(max(probes), w.k, device=dev, dtype=w.dtype)
     y = torch.empty(max(probes), w.n, device=dev, dtype=w.dtype)
+    cross = crossover(w)
     wins = []
     for m in probes:
         xm, ym = x[:m], y[:m]
+        other = (lambda: gemm_small(xm, w, ym)) if m <= min(cross, MAX_FUSED_M) else (lambda: dequant_matmul(xm, w))
         gemm_mid(xm, w, ym)  # warm: module load, scratch
-        dequant_matmul(xm, w)
-        t_mid = _gpu_time(lambda: gemm_mid(xm, w, ym))
-        t_deq = _gpu_time(lambda: dequant_matmul(xm, w))
-        wins.append(t_mid < t_deq)
-        log.debug("int4 gemm_mid K=%d N=%d m=%d: %.1f us, dequant+cuBLAS %.1f us", w.k, w.n, m, t_mid * 1e6,
-                  t_deq * 1e6)
+        other()
+        t_mid, t_other = _gpu_time(lambda: gemm_mid(xm, w, ym)), _gpu_time(other)
+        wins.append(t_mid < t_other)
+        log.debug("int4 gemm_mid K=%d N=%d m=%d: %.1f us, %s %.1f us", w.k, w.n, m, t_mid * 1e6,
+                  "gemm_small" if m <= min(cross, MAX_FUSED_M) else "dequant+cuBLAS", t_other * 1e6)
     log.info("int4 K=%d N=%d %s on %s: gemm_mid at m <= %s of %s (measured)", w.k, w.n,
              str(w.dtype).removeprefix("torch."), torch.cuda.get_device_name(dev),
              [p for p, won in zip(probes, wins) if won], list(probes))
@@ -810,10 +813,10 @@ def measure_mid_wins(w: Int4Weight, probes: tuple[int, ...] = MID_PROBES) -> tup
 def matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     """y (M, N) = x (M, K) @ W + bias, by the path the measured crossovers pick for M."""
     m = x.shape[0]
-    if m <= MAX_FUSED_M and m <= crossover(w):
-        return gemm_small(x, w, torch.empty(m, w.n, device=x.device, dtype=x.dtype))
     if uses_mid(w, m):
         return gemm_mid(x, w, torch.empty(m, w.n, device=x.device, dtype=x.dtype))
+    if m <= MAX_FUSED_M and m <= crossover(w):
+        return gemm_small(x, w, torch.empty(m, w.n, device=x.device, dtype=x.dtype))
     return dequant_matmul(x, w)
 
 

@@ -235,12 +235,12 @@ def test_dispatch_with_gemm_mid(monkeypatch, dtype):
     ran = []
     real = int4.gemm_mid
     monkeypatch.setattr(int4, "gemm_mid", lambda x, w, out: ran.append(x.shape[0]) or real(x, w, out))
-    ms = sorted({64, 65, 100, 1024, 1025, *int4.MID_PROBES, *(p + 1 for p in int4.MID_PROBES[:-1])})
+    ms = sorted({16, 17, 100, 1024, 1025, *int4.MID_PROBES, *(p + 1 for p in int4.MID_PROBES[:-1])})
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         assert_close_rel(lin(x), reference_y(x, case, dtype, lin.bias), dtype)
     assert ran and ran == [m for m in ms if int4.uses_mid(w, m)] and len(ran) < len(ms)
-    assert not any(int4.uses_mid(w, m) for m in (64, 1025))
+    assert not any(int4.uses_mid(w, m) for m in (16, 1025))
 
 
 def test_wrappers_reject_bad_input():
@@ -300,7 +300,7 @@ def test_small_llama_gptq_on_gpu_matches_dequantized_bf16():
 
 
 def test_small_llama_gptq_through_gemm_mid_matches_dequantized_bf16(monkeypatch):
-    """The same model check with every 65..1024-row linear on gemm_mid (forced on): 256 tokens."""
+    """The same model check with every 17..1024-row linear on gemm_mid (forced on): 256 tokens."""
     import model_check
 
     from scorer.kernels import int4
@@ -308,10 +308,10 @@ def test_small_llama_gptq_through_gemm_mid_matches_dequantized_bf16(monkeypatch)
     calls = []
     real = int4.gemm_mid
     monkeypatch.setattr(int4, "MID_ENABLED", True)
-    monkeypatch.setattr(int4, "uses_mid", lambda w, m: int4.MAX_FUSED_M < m <= int4.MID_MAX_M)
+    monkeypatch.setattr(int4, "uses_mid", lambda w, m: int4.GEMV_MAX_M < m <= int4.MID_MAX_M)
     monkeypatch.setattr(int4, "gemm_mid", lambda x, w, out: calls.append(x.shape[0]) or real(x, w, out))
     res = model_check.run(layers=2, seq=64, rows=4)
-    assert calls and set(calls) == {256}, sorted(set(calls))
+    assert calls and set(calls) == {256}, sorted(set(calls))  # (the last layer's 4 kept tokens: gemv)
     assert res["max_prob_diff"] < 2e-2, res
 
 

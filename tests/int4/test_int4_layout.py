@@ -307,19 +307,19 @@ def test_gemm_mid_epilogue_rows_round_trip_the_fragments():
 
 
 def test_uses_mid_takes_each_buckets_measured_answer(monkeypatch):
-    """m in (64, 96] asks the 96 probe, (96, 128] the 128 one, ...; nothing outside (64, 1024], and nothing
+    """m in (16, 32] asks the 32 probe, (32, 48] the 48 one, ...; nothing outside (16, 1024], and nothing
     at all unless MID_ENABLED."""
     w = int4.Int4Weight(torch.zeros(1, 1, 32, 4, dtype=torch.int32), torch.zeros(1, 64), torch.zeros(1, 8), None,
                         None, 16, 64, 1)
     probes = int4.MID_PROBES
-    w.mid_wins = tuple(i % 2 == 1 for i in range(len(probes)))  # 128, 256, 512, 1024 won
+    w.mid_wins = tuple(i % 2 == 1 for i in range(len(probes)))  # 48, 96, 192, 384, 768 won
     monkeypatch.setattr(int4, "MID_ENABLED", False)
     assert not any(int4.uses_mid(w, m) for m in range(1, 1100))
     monkeypatch.setattr(int4, "MID_ENABLED", True)
     got = {m for m in range(1, 1100) if int4.uses_mid(w, m)}
-    lows = (int4.MAX_FUSED_M, *probes[:-1])
+    lows = (int4.GEMV_MAX_M, *probes[:-1])
     want = {m for lo, hi, won in zip(lows, probes, w.mid_wins) if won for m in range(lo + 1, hi + 1)}
-    assert got == want and min(got) == 97 and max(got) == 1024 and 129 not in got
+    assert got == want and min(got) == 33 and max(got) == 768 and 49 not in got and 97 not in got
 
 
 def test_mid_split_covers_every_row_block_in_whole_stages():
