@@ -205,7 +205,7 @@ class Variant:
     embeddings: str = "auto"  # auto (host for 4-bit, as Scorer.from_pretrained) | host | device
     kernel: str = "auto"  # packed attention: auto (cuDNN on Hopper) | flash | cudnn
     graphs: bool = True  # small packed batches from CUDA graphs (Scorer's cuda_graphs="auto")
-    mid: bool = False  # 4-bit: int4.gemm_mid where its measured crossover says (int4.MID_ENABLED; off by default)
+    mid: bool = False  # 4-bit: int4.gemm_mid in the buckets of rows where it timed faster (int4.MID_ENABLED)
 
     @property
     def host_embeddings(self) -> bool:
@@ -245,13 +245,12 @@ def random_scorer(shape: str, v: Variant, max_batch_tokens: int, layers: int | N
     """A Scorer over a random-weight model built on the GPU (no checkpoint written: 16 GB of disk saved);
     `layers` overrides the shape's layer count (profiles of a few layers)."""
     from scorer.api import Scorer, Settings
+    from scorer.kernels import int4
     from scorer.model.config import LlamaConfig
     from scorer.model.heads import ScoringModel
     from scorer.model.llama import compile_layers, fuse_projections
     from scorer.model.quant_config import QuantConfig
     from scorer.model.quantize import LINEAR_GROUPS
-
-    from scorer.kernels import int4
 
     int4.MID_ENABLED = v.mid  # the dispatch reads it at each call: this Scorer's warmup measures with it
     d = hf_config(shape)

@@ -519,7 +519,7 @@ def gemm_tiles(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tenso
 
 def gemm_mid(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
     """out (M, N) <- x (M, K) @ W + bias for 1 <= M <= MID_MAX_M: the block-tiled fused 4-bit GEMM
-    (meant for 64 < M; smaller M runs, on mostly empty tiles). Not yet run on a GPU (MID_ENABLED)."""
+    (meant for 16 < M: smaller M runs, on mostly idle warps). Not yet run on a GPU (MID_ENABLED)."""
     import numpy as np
 
     m = _check_fused(x, w, out, "gemm_mid", MID_MAX_M)
@@ -782,7 +782,7 @@ def mid_wins(w: Int4Weight) -> tuple[bool, ...]:
 
 def uses_mid(w: Int4Weight, m: int) -> bool:
     """Whether `matmul` runs gemm_mid at m rows: the measured answer of m's bucket."""
-    if not GEMV_MAX_M < m <= MID_MAX_M:
+    if not MID_ENABLED or not GEMV_MAX_M < m <= MID_MAX_M:
         return False
     return mid_wins(w)[bisect.bisect_left(MID_PROBES, m)]
 
