@@ -157,6 +157,10 @@ def print_plan(plans: list[Any], estimates: dict[str, dict[str, Any]], console: 
             f"~{_num(est.get('mean_tokens'), ',.1f')} tokens/row, ~{_num(est.get('tokens'))} tokens, "
             f"~{_num(gpu, ',.1f' if gpu is None or gpu >= 1 else '.2g')} GPU-seconds ({est['basis']})"
         )
+        rt = j.job.runtime
+        if rt.dtype is None:  # the fingerprints carry the dtype the workers will resolve
+            console.print(f"  runtime.dtype unset: planned as {rt.compute_dtype(p.gpu)} for "
+                          f"{'GPU' if p.gpu else 'CPU'} workers (a run plans again for the workers it gets)")
         if p.stale_entries:
             console.print(f"  note: {len(p.stale_entries)} committed output(s) have no shard in this listing (a run "
                           f"that completes removes those whose input file is gone): {', '.join(p.stale_entries[:5])}")

@@ -50,6 +50,7 @@ class JobPlan:
     shards: list[ShardPlan]
     stale_entries: list[str] = field(default_factory=list)  # manifest entries of shards no longer in the input
     gpu: bool = False  # planned for GPU workers: decides the fingerprints where runtime.dtype is unset
+    force: bool = False  # planned with --force (a plan made again keeps it)
 
     @property
     def todo(self) -> list[ShardPlan]:
@@ -137,15 +138,25 @@ def shard_fingerprint(shard: lake.Shard, mkey: str, settings: dict[str, Any]) ->
 
 
 def cluster_gpus() -> int:
-    """GPUs of the Ray cluster this process is connected to, else of this machine (the local cluster
-    `scorer run` starts sees the same ones); 0 when torch cannot tell."""
+    """GPUs the workers will score on: those of the Ray cluster this process is connected to, else this
+    machine's (the local cluster `scorer run` starts sees the same ones). On a cluster of this machine
+    alone, only as many as torch here can use: Ray can be told of GPUs that are not there (the CPU tests
+    do), and workers given one of those score on the CPU."""
     try:
         import ray
 
         if ray.is_initialized():
-            return int(ray.cluster_resources().get("GPU", 0))
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            here = ray.get_runtime_context().get_node_id()
+            if gpus and all(n.get("NodeID") == here for n in ray.nodes() if n.get("Alive")):
+                gpus = min(gpus, _local_gpus())
+            return gpus
     except ImportError:
         pass
+    return _local_gpus()
+
+
+def _local_gpus() -> int:
     try:
         import torch
 
@@ -175,7 +186,7 @@ def plan_job(j: LoadedJob, *, force: bool = False, gpu: bool | None = None) -> J
                 and present.get(name) == entry.get("bytes"))
         plans.append(ShardPlan(s, name, fp, done, entry if done else None, entry.get("rows") if done and entry else None))
     names = {p.name for p in plans}
-    return JobPlan(j, mkey, plans, sorted(n for n in manifest if n not in names), gpu)
+    return JobPlan(j, mkey, plans, sorted(n for n in manifest if n not in names), gpu, force)
 
 
 # ----------------------------------------------------------------------------------------------- estimates

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from scorer import __version__
 from scorer.jobs import lake
 from scorer.jobs.display import JobStats, Progress, print_plan, print_summary
-from scorer.jobs.plan import JobPlan, estimate, plan_job
+from scorer.jobs.plan import JobPlan, cluster_gpus, estimate, plan_job
 from scorer.jobs.spec import LoadedJob, SpecError, load_and_check
 from scorer.jobs.worker import ShardInputError, ShardResult, ShardTask, ShardWorker, WorkerConfig
 
@@ -58,11 +58,12 @@ def run_cli(jobs_file: Path, *, jobs: list[str] = (), sets: list[str] = (), date
     if dry_run:
         print_plan(plans, {p.job.name: estimate(p) for p in plans})
         return 0
-    # An unset dtype on device auto is resolved by the cluster's GPUs: a cluster joined at `address` is
-    # asked even when every shard looks done, and the plans follow what it has.
+    # An unset dtype on device auto is resolved by the cluster's GPUs: a cluster other than the local one
+    # (`address`, or RAY_ADDRESS) is asked even when every shard looks done, and the plans follow it.
     resolves = any(p.job.job.runtime.device == "auto" and p.job.job.runtime.dtype is None for p in plans)
+    remote = bool(address or os.environ.get("RAY_ADDRESS"))
     try:
-        owns = _connect(address, plans) if any(p.todo for p in plans) or (address and resolves) else False
+        owns = _connect(address, plans) if any(p.todo for p in plans) or (remote and resolves) else False
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -70,7 +71,11 @@ def run_cli(jobs_file: Path, *, jobs: list[str] = (), sets: list[str] = (), date
         print(f"error: cannot start or join a Ray cluster ({address or 'local'}): {e}", file=sys.stderr, flush=True)
         return 1
     try:
-        plans = _replan_for_cluster(plans, force) if resolves else plans
+        try:
+            plans = _replan_for_cluster(plans) if resolves else plans
+        except SpecError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
         stats = run_jobs(plans, progress=Progress(progress_interval))
     finally:
         if owns:
@@ -99,20 +104,35 @@ def _connect(address: str | None, plans: list[JobPlan]) -> bool:
     return True
 
 
-def _replan_for_cluster(plans: list[JobPlan], force: bool) -> list[JobPlan]:
+def _replan_for_cluster(plans: list[JobPlan]) -> list[JobPlan]:
     """Plans made for the workers the connected cluster will start, where the guess before it differed."""
     import ray
 
     if not ray.is_initialized():
         return plans
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus = cluster_gpus()
     out = []
     for p in plans:
         rt = p.job.job.runtime
         if rt.dtype is None and rt.on_gpu(gpus) != p.gpu:
-            p = plan_job(p.job, force=force, gpu=rt.on_gpu(gpus))
+            p = plan_job(p.job, force=p.force, gpu=rt.on_gpu(gpus))
         out.append(p)
     return out
+
+
+def follow_workers_dtype(plan: JobPlan, infos: list[dict[str, Any]]) -> tuple[JobPlan, str | None]:
+    """With runtime.dtype unset each worker resolves it where it runs (bfloat16 on a GPU, float32 on a CPU),
+    and a worker Ray gave a GPU its torch cannot see scores on the CPU: the plan (its fingerprints) follows
+    what the workers report. (plan, None), or (plan, why) when they disagree among themselves."""
+    rt = plan.job.job.runtime
+    got = {w["dtype"] for w in infos if w.get("dtype")}
+    if rt.dtype is not None or not got or got == {rt.compute_dtype(plan.gpu)}:
+        return plan, None
+    if len(got) > 1:
+        return plan, (f"its workers score in different dtypes ({', '.join(sorted(got))}): some see no GPU; set "
+                      "runtime.dtype, or fix the nodes whose torch sees no GPU")
+    (dtype,) = got
+    return plan_job(plan.job, force=plan.force, gpu=dtype == rt.compute_dtype(True)), None
 
 
 def run_jobs(plans: list[JobPlan], progress: Progress | None = None) -> list[JobStats]:
@@ -185,6 +205,17 @@ def _run_job(plan: JobPlan, run_id: str, progress: Progress) -> JobStats:
         except (RayActorError, RayTaskError):
             pass  # the dispatch loop below meets the dead actor, replaces it and retries its shards
         _warn_gpu_workers_on_cpu(j, opts, stats.workers)
+        planned = j.job.runtime.compute_dtype(plan.gpu)
+        plan, why = follow_workers_dtype(plan, stats.workers)
+        if why is not None:
+            for s in todo:
+                stats.failed[s.shard.uri] = why
+            todo = []
+        elif j.job.runtime.compute_dtype(plan.gpu) != planned:
+            todo, stats.skipped = plan.todo, len(plan.skipped)
+            Progress.log(f"{j.name}: planned for {planned}, but the workers score in "
+                         f"{j.job.runtime.compute_dtype(plan.gpu)} (runtime.dtype unset): {len(todo)} shard(s) "
+                         f"to score, {stats.skipped} already committed in it")
         late_infos = []  # info() of replacement actors, collected at the end for the report
         stats.ready = time.monotonic()
         pending = deque(ShardTask(s.shard, s.name, s.fingerprint) for s in todo)

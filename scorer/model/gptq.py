@@ -8,10 +8,10 @@ The quantizer of a group (per output row n, asymmetric or symmetric, min/max ove
     scale = (xmax - xmin) / maxq,  zero = round(-xmin / scale)   (sym: xmin = -xmax, zero = (maxq + 1) / 2)
     q = clamp(round(w / scale) + zero, 0, maxq),  w_hat = fp16(scale * (q - zero))
 An asymmetric zero is never 0: a row whose zero rounds to 0 (xmin > -scale / 2) takes zero 1 and
-scale = xmax / (maxq - 1), a 4-7% coarser step whose grid still covers [xmin, xmax]. A v1 checkpoint
+scale = xmax / (maxq - 1), a step up to 7% coarser whose grid still covers [xmin, xmax]. A v1 checkpoint
 stores z - 1, and readers disagree on a stored -1: GPTQModel (and scorer) add 0x11111111 to the whole
 word, so the borrow it made is undone; exllama-style kernels (AutoGPTQ, vLLM's GPTQ path) add 1 to each
-nibble and read 16 there and one less in the nibble above. With zeros of 1..15 every reader agrees.
+nibble and read 16 (or 0) there and one less in the nibble above. With zeros of 1..15 every reader agrees.
 Scales are rounded to fp16 *before* they are used, and w_hat is rounded to fp16 once, so the weights GPTQ
 compensates for are exactly the ones the checkpoint dequantizes to (the references keep fp32 scales and
 round at pack time; this is the only intended difference).

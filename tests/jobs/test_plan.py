@@ -84,6 +84,28 @@ def test_an_unset_dtype_is_fingerprinted_as_the_workers_resolve_it(setup, monkey
             == [s.fingerprint for s in on_gpu.shards])
 
 
+def test_the_plan_follows_the_dtype_the_workers_report(setup):
+    """A run's workers report the dtype they resolved: an unset dtype is planned again for it (GPU workers
+    that found no GPU score float32); workers that disagree among themselves fail the job with the fix;
+    a set dtype is never second-guessed."""
+    from scorer.jobs.plan import plan_job
+    from scorer.jobs.runner import follow_workers_dtype
+
+    _, _, p, plan = setup
+    on_gpu = plan_job(p.job, gpu=True)
+    assert follow_workers_dtype(on_gpu, [{"dtype": "bfloat16"}] * 2) == (on_gpu, None)
+    assert follow_workers_dtype(on_gpu, []) == (on_gpu, None)  # no report (the workers died): as planned
+    again, why = follow_workers_dtype(on_gpu, [{"dtype": "float32"}, {"dtype": "float32"}])
+    assert why is None and not again.gpu and all(s.done for s in again.shards)  # p committed them in float32
+    assert [s.fingerprint for s in again.shards] == [s.fingerprint for s in p.shards]
+    same, why = follow_workers_dtype(on_gpu, [{"dtype": "float32"}, {"dtype": "bfloat16"}])
+    assert same is on_gpu and "different dtypes (bfloat16, float32)" in why and "set runtime.dtype" in why
+    fixed = plan("runtime.dtype=bfloat16")
+    assert follow_workers_dtype(fixed, [{"dtype": "bfloat16"}, {"dtype": "float32"}]) == (fixed, None)
+    forced = plan_job(p.job, gpu=True, force=True)
+    assert not any(s.done for s in follow_workers_dtype(forced, [{"dtype": "float32"}])[0].shards)  # --force kept
+
+
 def test_input_model_and_output_file_changes(setup):
     tmp_path, model, p, plan = setup
     pq.write_table(shard_table(1, 7), tmp_path / "in" / "part-001.parquet")  # a rewritten input shard

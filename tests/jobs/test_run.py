@@ -429,6 +429,7 @@ def test_dry_run_prints_the_plan(ray_cluster, tiny_model, tmp_path):
     r = CliRunner().invoke(app, ["run", str(f), "--dry-run", "--date", DATE])
     assert r.exit_code == 0, r.output
     assert "2 to do, 0 to skip; 30 rows to score" in r.output and "tokens/row" in r.output and "GPU-seconds" in r.output
+    assert "runtime.dtype unset: planned as float32 for CPU workers" in r.output  # fake GPUs: none usable
     assert not (tmp_path / "out").exists()
     r = CliRunner().invoke(app, ["run", str(f), "--dry-run", "--date", DATE, "--set", "text=nope"])
     assert r.exit_code == 2 and "text column 'nope'" in r.output
@@ -440,10 +441,11 @@ def test_dry_run_prints_the_plan(ray_cluster, tiny_model, tmp_path):
 
 
 def test_an_unset_dtype_follows_the_workers_the_cluster_gives(ray_cluster, tiny_model, tmp_path, monkeypatch, capfd):
-    """Shards committed by CPU workers (float32, runtime.dtype unset) are redone when the job next runs on
-    GPU workers (bfloat16), also where the plan made before joining the cluster guessed CPU workers: the
-    cluster's GPUs decide. Each manifest entry records the device and dtype its worker scored in, and GPU
-    workers that find no GPU (the fake ones here) are named in the log."""
+    """runtime.dtype unset: shards are fingerprinted with the dtype the workers score in. The cluster's GPUs
+    decide the plan (also where the guess before joining it said CPU), and the workers' own report decides
+    in the end: this cluster's (fake) GPU workers see no GPU and score in float32 on the CPU, like the CPU
+    workers before them, so nothing is scored twice, and the log says why. Each manifest entry records
+    the device and dtype its worker scored in."""
     from scorer.jobs import plan as plan_mod
 
     write_shards(tmp_path / "in", [6, 5])
@@ -453,12 +455,20 @@ def test_an_unset_dtype_follows_the_workers_the_cluster_gives(ray_cluster, tiny_
     first = _manifest(part)
     assert {(e["device"], e["dtype"]) for e in first.values()} == {("cpu", "float32")}
     assert run_cli(f, date=DATE, sets=["runtime.device=cpu"]) == 0 and _manifest(part) == first
-    monkeypatch.setattr(plan_mod, "cluster_gpus", lambda: 0)  # the guess before Ray: no GPU here
+    calls = []
+    real = plan_mod.plan_job
+    answers = iter([0])  # the guess before Ray: no GPU here; then a cluster with GPUs it calls usable
+    monkeypatch.setattr(plan_mod, "cluster_gpus", lambda: next(answers, 2))
+    monkeypatch.setattr("scorer.jobs.runner.cluster_gpus", plan_mod.cluster_gpus)
+    monkeypatch.setattr("scorer.jobs.runner.plan_job", lambda j, **kw: calls.append(kw.get("gpu")) or real(j, **kw))
     capfd.readouterr()
-    assert run_cli(f, date=DATE) == 0  # device auto on a cluster with (fake) GPUs: GPU workers
-    err = capfd.readouterr().err  # ... whose torch sees no GPU: the run says so
+    assert run_cli(f, date=DATE) == 0  # device auto on a cluster with (fake) GPUs: GPU workers...
+    err = capfd.readouterr().err
+    assert calls == [None, True, False]  # the guess (CPU), the cluster (GPU), the workers (CPU after all)
     assert "1 worker(s) were given a GPU by Ray (CUDA_VISIBLE_DEVICES " in err and "score on the CPU" in err
-    second = _manifest(part)
-    assert sorted(second) == sorted(first) and all(second[k]["run_id"] != first[k]["run_id"] for k in first)
-    assert all(second[k]["fingerprint"] != first[k]["fingerprint"] for k in first)
-    assert run_cli(f, date=DATE) == 0 and _manifest(part) == second  # and now they are done
+    assert "planned for bfloat16, but the workers score in float32" in err and "0 shard(s) to score" in err
+    assert _manifest(part) == first  # ... which scored in float32 on the CPU: the shards are done
+    assert run_cli(f, date=DATE, sets=["runtime.dtype=bfloat16"]) == 0  # a set dtype the workers follow
+    redone = _manifest(part)
+    assert all(redone[k]["run_id"] != first[k]["run_id"] for k in first)
+    assert {e["dtype"] for e in redone.values()} == {"bfloat16"}

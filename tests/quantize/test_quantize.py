@@ -114,7 +114,8 @@ def gptqmodel_dequant(qweight, qzeros, scales, g_idx) -> torch.Tensor:
 
 def exllama_dequant(qweight, qzeros, scales, g_idx) -> torch.Tensor:
     """The other reading of v1 zeros: exllama-style kernels (AutoGPTQ, vLLM's GPTQ path) take each nibble
-    of qzeros and add 1 to it, with no carry between nibbles."""
+    of qzeros and add 1 to it, with no carry between nibbles (a stored 15 reads 16; some torch fallbacks
+    mask after the +1 and read 0: both agree on stored 0..14, which is all the quantizer writes)."""
     wf = torch.arange(0, 32, 4, dtype=torch.int64)
     nib = ((qzeros.to(torch.int64) & 0xFFFFFFFF)[:, :, None] >> wf[None, None, :]) & 0xF
     zeros = (nib + 1).reshape(qzeros.shape[0], -1)
