@@ -924,25 +924,33 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
 
 
 // ---------------------------------------------------------------------------------------------------
-// Mid-size m (65 .. MID_MAX_M rows in scorer.kernels.int4): too many rows for gemm_small, whose blocks
+// Mid-size m (17 .. MID_MAX_M rows in scorer.kernels.int4): too many rows for gemm_small, whose blocks
 // each re-read all of x for one column block (8192x57344 at m = 64 reads ~0.9 GB of x from L2), too
 // few for the dequant pass to hide behind cuBLAS. y[M][N] = x[M][K] @ W + bias with the dequant in the
-// mainloop. Block tile BM = 128 rows x BN = 128 columns, four warps; warp (wm, wn) owns 64 rows (8 row
-// tiles) of column block nb = 2 blockIdx.x + wn, with int4_gemm_small's fragments: A = W^T from one
-// 16-byte code word per lane and tile, B = x^T from 8 bytes per lane and row tile. The block's stages
-// live in shared memory, filled by cp.async from every thread (each copies one 16-byte code chunk per
-// column block and 8 of x: fixed per thread, so its source pointers are computed once), MID_KB tiles
-// (16 k each) a stage, MID_S stages: the codes of the two column blocks (512 contiguous bytes a tile, as
-// in global) and x of the 128 rows as [tile][row][32 bytes], so a row tile's fragments are 256
-// contiguous bytes (the lds_x layout, conflict-free). Rows past M and k past K are zero-filled: x = 0 is
-// what keeps padding out (a code of 0 dequantizes to -z * s); row tiles wholly past M skip their MMAs.
-// Scales and zeros of the next group are loaded a group ahead into registers. Split-K over gridDim.z
-// (slices of ktpb row blocks): each block writes its fp32 tile to ws[ks] (16-byte stores: a thread's
-// 8 columns are adjacent) and the last of an output tile's blocks to arrive (counter per tile) sums
-// ws[0 .. KS-1] in that order, all of a slice's loads in flight at once: deterministic, one launch.
-// Not yet run on a GPU (see scorer.kernels.int4.MID_ENABLED).
+// mainloop. Block tile BM = 8 MID_MT MID_WM rows x BN = 64 MID_WN columns (built: 128 x 128, four warps);
+// warp (wm, wn) owns 8 MID_MT rows of column block nb = MID_WN blockIdx.x + wn, with int4_gemm_small's
+// fragments: A = W^T from one 16-byte code word per lane and tile, B = x^T from 8 bytes per lane and row
+// tile. The block's stages live in shared memory, filled by cp.async from every thread (a thread's 16-byte
+// copies are the same in every stage, so their fixed parts are computed once), MID_KB tiles (16 k each) a
+// stage, MID_S stages: the codes of the MID_WN column blocks (512 contiguous bytes a tile, as in global)
+// and x of the BM rows as [tile][row][32 bytes], so a row tile's fragments are 256 contiguous bytes (the
+// lds_x layout, conflict-free). Rows past M and k past K are zero-filled: x = 0 is what keeps padding out
+// (a code of 0 dequantizes to -z * s); row tiles wholly past M skip their MMAs. Scales and zeros of the
+// next group are loaded a group ahead into registers. Split-K over gridDim.z (slices of ktpb row blocks):
+// each block writes its fp32 tile to ws[ks] (16-byte stores: a thread's 8 columns are adjacent) and the
+// last of an output tile's blocks to arrive (counter per tile) sums ws[0 .. KS-1] in that order, all of a
+// slice's loads in flight at once: deterministic, one launch.
+// Correct on an H200 but slower than dequant + cuBLAS or gemm_small everywhere measured (RESULTS.md,
+// ninth session: its staging and split-K fix-up, not its arithmetic), so scorer.kernels.int4 leaves it
+// out unless MID_ENABLED.
 #ifndef MID_WM
-#define MID_WM 2  // (scorer.kernels.int4 mirrors these four)
+#define MID_WM 2  // (scorer.kernels.int4 mirrors these)
+#endif
+#ifndef MID_MT
+#define MID_MT 8  // row tiles of 8 a warp: BM = 8 MID_MT MID_WM rows a block
+#endif
+#ifndef MID_MINB
+#define MID_MINB 2  // blocks a SM the launch bounds ask registers for
 #endif
 #ifndef MID_WN
 #define MID_WN 2
@@ -954,17 +962,16 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
 #define MID_S 4
 #endif
 struct MidCfg {
-  static constexpr int WM = MID_WM, WN = MID_WN, KB = MID_KB, S = MID_S;
+  static constexpr int WM = MID_WM, WN = MID_WN, KB = MID_KB, S = MID_S, MT = MID_MT;
   static constexpr int NT = WM * WN * 32;
-  static constexpr int BM = WM * 64, BN = WN * 64;
+  static constexpr int BM = WM * 8 * MT, BN = WN * 64;
   static constexpr int CODES = WN * KB * 512;  // bytes of a stage's codes
   static constexpr int XB = KB * BM * 32;      // bytes of a stage's x
   static constexpr int STAGE = CODES + XB;
   static constexpr int SMEM = S * STAGE;
-  // load_stage's fixed per-thread chunks hold for this shape only (MID_WN = 2, MID_KB = 4 with MID_WM = 2):
-  // another tile shape needs its own copy loop
-  static_assert(NT == KB * 32, "a stage's codes: one 16-byte chunk a thread per column block");
-  static_assert(BM == 2 * (NT / 2), "a stage's x: two rows a thread (BM / 2 apart), one half of each");
+  static constexpr int CC = WN * KB * 32 / NT, XC = KB * BM * 2 / NT;  // 16-byte copies a thread: codes, x
+  static_assert(CC * NT == WN * KB * 32 && XC * NT == KB * BM * 2, "a stage's copies split evenly over threads");
+  static_assert(MT % 2 == 0, "the split-K sum loads half the row tiles at a time");
 };
 
 // A thread's 8 adjacent columns of one row, with bias, as one 16-byte store.
@@ -988,13 +995,13 @@ template <int MT> __device__ __forceinline__ void row8(const float (&acc)[4][MT]
 }
 
 template <int DT>
-__global__ void __launch_bounds__(MidCfg::NT, 2)
+__global__ void __launch_bounds__(MidCfg::NT, MID_MINB)
     int4_gemm_mid(const u16* __restrict__ x, const uint4* __restrict__ wq, const u16* __restrict__ scales,
                   const u32* __restrict__ qzeros, const u16* __restrict__ bias, u16* __restrict__ y,
                   float* __restrict__ ws, int* __restrict__ counters, int M, int K, int ldx, int N, int Np,
                   int KT, int G, int gs16, int ktpb) {
   using C = MidCfg;
-  constexpr int MT = 8, KB = C::KB, S = C::S, WN = C::WN, HALF = C::BM / 2;
+  constexpr int MT = C::MT, KB = C::KB, S = C::S, WN = C::WN, WR = 8 * MT;  // WR: a warp's rows
   extern __shared__ uint4 dyn[];
   __shared__ int s_last;
 
@@ -1006,47 +1013,51 @@ __global__ void __launch_bounds__(MidCfg::NT, 2)
   const int ks = blockIdx.z, KS = gridDim.z;
   const int kb0 = ks * ktpb, kb1 = min(KT, kb0 + ktpb);
   const int nb = nb0 + wn;
-  const int mw = m0 + wm * 64;  // this warp's first row
+  const int mw = m0 + wm * WR;  // this warp's first row
   const bool active = nb < NB && mw < M;  // warp-uniform: a column block past Np, or rows all past M
   const int mts = min(MT, (M - mw + 7) >> 3);  // row tiles with a real row (when active)
   const int ncol = nb * 64 + 8 * g;
 
-  // This thread's copies, the same in every stage: code chunk (tile kc, chunk lc) of each column block;
-  // x rows rx and rx + HALF, half hx (8 k), of every tile.
+  // This thread's copies of a stage: CC code chunks (copy c: column block c / (KB 32), tile c / 32 % KB,
+  // chunk c % 32) and XC of x (tile c / (2 BM), row c / 2 % BM, half c % 2), c = tid + i NT; the
+  // per-copy parts that do not change from stage to stage are computed once.
   const u32 sbase = smem_addr(dyn);
-  const int kc = tid >> 5, lc = tid & 31, rx = tid >> 1, hx = tid & 1;
-  const uint4* csrc[WN];
-  bool cok[WN];
+  const uint4* csrc[C::CC];
+  u32 cdst[C::CC];
+  int ckk[C::CC];
+  bool cok[C::CC];
 #pragma unroll
-  for (int w = 0; w < WN; ++w) {
-    cok[w] = nb0 + w < NB;
-    csrc[w] = wq + ((size_t)(cok[w] ? nb0 + w : 0) * KT + kc) * 32 + lc;
+  for (int i = 0; i < C::CC; ++i) {
+    const int c = tid + i * C::NT, w = c / (KB * 32), kk = (c >> 5) % KB, l = c & 31;
+    cok[i] = nb0 + w < NB;
+    ckk[i] = kk;
+    csrc[i] = wq + ((size_t)(cok[i] ? nb0 + w : 0) * KT + kk) * 32 + l;
+    cdst[i] = (w * KB + kk) * 512 + 16 * l;
   }
-  const u16* xsrc[2];
-  bool xok[2];
+  const u16* xsrc[C::XC];
+  u32 xdst[C::XC];
+  int xkk[C::XC], xk[C::XC];
+  bool xok[C::XC];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    xok[i] = m0 + rx + i * HALF < M;
-    xsrc[i] = x + (size_t)(xok[i] ? m0 + rx + i * HALF : 0) * ldx + 8 * hx;
+  for (int i = 0; i < C::XC; ++i) {
+    const int c = tid + i * C::NT, kk = c / (2 * C::BM), r = (c >> 1) % C::BM, h = c & 1;
+    xok[i] = m0 + r < M;
+    xkk[i] = kk;
+    xk[i] = 16 * kk + 8 * h;
+    xsrc[i] = x + (size_t)(xok[i] ? m0 + r : 0) * ldx + xk[i];
+    xdst[i] = C::CODES + (kk * C::BM + r) * 32 + 16 * h;
   }
-  const u32 cdst = kc * 512 + 16 * lc, xdst = C::CODES + rx * 32 + 16 * hx;
 
   auto load_stage = [&](int slot, int kt0) {
     const u32 st = sbase + slot * C::STAGE;
-    if (kt0 + kc < kb1) {
 #pragma unroll
-      for (int w = 0; w < WN; ++w)
-        if (cok[w]) cp_async16_cg_s(st + w * KB * 512 + cdst, csrc[w] + (size_t)kt0 * 32);
-    }
+    for (int i = 0; i < C::CC; ++i)
+      if (cok[i] && kt0 + ckk[i] < kb1) cp_async16_cg_s(st + cdst[i], csrc[i] + (size_t)kt0 * 32);
 #pragma unroll
-    for (int kk = 0; kk < KB; ++kk) {
-      if (kt0 + kk >= kb1) break;  // past the slice: never read
-      const int k = 16 * (kt0 + kk) + 8 * hx;
-      const bool kin = k < K;
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const bool ok = kin && xok[i];
-        cp_async16_zfill_s(st + xdst + kk * C::BM * 32 + i * HALF * 32, ok ? (const void*)(xsrc[i] + 16 * (kt0 + kk)) : (const void*)x, ok);
+    for (int i = 0; i < C::XC; ++i) {
+      if (kt0 + xkk[i] < kb1) {  // past the slice: never read
+        const bool ok = xok[i] && 16 * kt0 + xk[i] < K;
+        cp_async16_zfill_s(st + xdst[i], ok ? (const void*)(xsrc[i] + 16 * kt0) : (const void*)x, ok);
       }
     }
   };
@@ -1093,7 +1104,7 @@ __global__ void __launch_bounds__(MidCfg::NT, 2)
     if (active) {
       const char* st = smem + (it % S) * C::STAGE;
       const char* sc = st + wn * KB * 512 + 16 * lane;
-      const char* sx = st + C::CODES + wm * 64 * 32;
+      const char* sx = st + C::CODES + wm * WR * 32;
 #pragma unroll
       for (int kk = 0; kk < KB; ++kk) {
         const int kt = kb0 + it * KB + kk;
@@ -1190,18 +1201,19 @@ __global__ void __launch_bounds__(MidCfg::NT, 2)
   load_bias();
   if (cols) {
     // sum[mt][d][8] in the accumulators' registers: ws[0], then ws[1], ... (the same order whichever block
-    // is last); half the row tiles at a time, so each slice's 32 loads are in flight together
+    // is last); half the row tiles at a time, so each slice's loads are in flight together
+    constexpr int H = MT / 2;
     zero_acc<MT>(acc);
     for (int k2 = 0; k2 < KS; ++k2) {
       const float* src = ws + (size_t)k2 * M * Np + ncol;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float4 v[4][2][2];
+        float4 v[H][2][2];
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < H; ++i)
 #pragma unroll
           for (int d = 0; d < 2; ++d) {
-            const int m = mw + 8 * (4 * h + i) + 2 * t + d;
+            const int m = mw + 8 * (H * h + i) + 2 * t + d;
             if (m < M) {
               v[i][d][0] = ld_cg_f4(src + (size_t)m * Np);
               v[i][d][1] = ld_cg_f4(src + (size_t)m * Np + 4);
@@ -1210,10 +1222,10 @@ __global__ void __launch_bounds__(MidCfg::NT, 2)
             }
           }
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < H; ++i)
 #pragma unroll
           for (int d = 0; d < 2; ++d) {
-            const int mt = 4 * h + i;
+            const int mt = H * h + i;
             acc[0][mt][d] += v[i][d][0].x;
             acc[0][mt][2 + d] += v[i][d][0].y;
             acc[1][mt][d] += v[i][d][0].z;

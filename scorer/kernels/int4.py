@@ -11,8 +11,8 @@ Kernels over one prepared weight layout (`repack`, described at the top of int4.
     once per layer shape at first use (`gemv_ring`). Both give bit-identical results.
   * `gemm_tiles`: m <= 64, a split-K fused tensor-core GEMM with a cp.async pipeline (the m > 16 side).
   * `gemm_mid`: 16 < m <= MID_MAX_M, a block-tiled fused GEMM (128 x 128 output tiles, codes and x shared
-    by the block's warps in a cp.async ring, the dequant in the mainloop, deterministic split-K). Written
-    and compiled but not yet run on a GPU: off unless MID_ENABLED (SCORER_INT4_MID=1).
+    by the block's warps in a cp.async ring, the dequant in the mainloop, deterministic split-K). Correct,
+    but slower than the paths it would replace on an H200: off unless MID_ENABLED (SCORER_INT4_MID=1).
 `gemm_small` is the fused path (gemv up to 16 rows, gemm_tiles above); `matmul` picks between it and
 dequant + cuBLAS by m, with a crossover measured once per (device, shape, dtype) at first use (and, with
 gemm_mid on, above gemv's 16 rows gemm_mid or what would run without it, per bucket of MID_PROBES).
@@ -49,12 +49,14 @@ GEMV_MIN_CHUNK = 16  # tiles per warp at least: fewer pieces to fix up on small 
 GEMV_RINGS = (1, 2)  # int4_gemv<DT, MT, R>: 1 cp.async per lane, 2 bulk copies (sm_90+; ring 1 below)
 CROSSOVER_PROBES = (1, 8, 16, 32, 48, 64)
 MID_MAX_M = 1024  # gemm_mid's largest m
-MID_WM, MID_WN, MID_KB, MID_S = 2, 2, 4, 4  # MID_* in int4.cu: warps down and across, tiles a stage, stages
-MID_BM, MID_BN, MID_NT = 64 * MID_WM, 64 * MID_WN, 32 * MID_WM * MID_WN  # block tile rows, columns; threads
+# MID_* in int4.cu: warps down and across, row tiles of 8 a warp, tiles a stage, stages, blocks a SM
+MID_WM, MID_WN, MID_MT, MID_KB, MID_S, MID_MINB = 2, 2, 8, 4, 4, 2
+MID_BM, MID_BN, MID_NT = 8 * MID_MT * MID_WM, 64 * MID_WN, 32 * MID_WM * MID_WN  # block tile rows, columns; threads
 MID_SMEM = MID_S * (MID_WN * MID_KB * 512 + MID_KB * MID_BM * 32)  # MidCfg::SMEM
 MID_PROBES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # upper ends of its buckets (the first from 16)
-MID_BLOCKS_PER_SM = 2  # its launch bounds; split-K aims at this many blocks a SM
-# Not yet run on a GPU: the dispatch leaves it out unless asked for.
+MID_BLOCKS_PER_SM = MID_MINB  # split-K aims at this many blocks a SM
+# Correct on an H200 but slower than the path it would replace at every measured shape and m (RESULTS.md,
+# ninth session): the dispatch leaves it out unless asked for.
 MID_ENABLED = os.environ.get("SCORER_INT4_MID", "") == "1"
 _DT = {torch.float16: 0, torch.bfloat16: 1}
 
@@ -231,7 +233,7 @@ def _module(index: int):
             if mod is None:
                 opts = ("-std=c++17", f"-DINT4_SMALL_WARPS={SMALL_WARPS}", f"-DINT4_SMALL_STAGES={SMALL_STAGES}",
                         f"-DGEMV_WARPS={GEMV_WARPS}", f"-DMID_WM={MID_WM}", f"-DMID_WN={MID_WN}",
-                        f"-DMID_KB={MID_KB}", f"-DMID_S={MID_S}")
+                        f"-DMID_MT={MID_MT}", f"-DMID_KB={MID_KB}", f"-DMID_S={MID_S}", f"-DMID_MINB={MID_MINB}")
                 mod = cupy.RawModule(code=SOURCE.read_text(), options=opts, name_expressions=_names())
                 _modules[index] = mod
     return mod
@@ -519,7 +521,7 @@ def gemm_tiles(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tenso
 
 def gemm_mid(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
     """out (M, N) <- x (M, K) @ W + bias for 1 <= M <= MID_MAX_M: the block-tiled fused 4-bit GEMM
-    (meant for 16 < M: smaller M runs, on mostly idle warps). Not yet run on a GPU (MID_ENABLED)."""
+    (meant for 16 < M: smaller M runs, on mostly idle warps). The dispatch takes it only with MID_ENABLED."""
     import numpy as np
 
     m = _check_fused(x, w, out, "gemm_mid", MID_MAX_M)

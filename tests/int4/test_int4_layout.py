@@ -187,14 +187,17 @@ def test_split_k_covers_every_row_block_once():
         assert (seen == 1).all()
 
 
+@pytest.mark.parametrize("wm,mt", [(int4.MID_WM, int4.MID_MT), (4, 4)])
 @pytest.mark.parametrize("k,n,m", [(200, 136, 150), (64, 64, 7), (1040, 200, 129)])
-def test_gemm_mid_stages_feed_each_lane_its_fragments(k, n, m):
+def test_gemm_mid_stages_feed_each_lane_its_fragments(k, n, m, wm, mt):
     """int4_gemm_mid's shared-memory stages, written byte for byte with its load_stage's index arithmetic
     over stale bytes, then read the way its warps read them: every lane gets the code word of its column
-    block and tile and the x fragment of its row tile (zeros past M, past K and past the slice), in
-    partial row and column tiles, over every block and split-K slice."""
-    WM, WN, KB, BM, NT = int4.MID_WM, int4.MID_WN, int4.MID_KB, int4.MID_BM, int4.MID_NT
+    block and tile and the x fragment of its row tile (zeros past M and past K), in partial row and column
+    tiles, over every block and split-K slice; for the built warp shape and a 32-row one."""
+    WM, WN, KB = wm, int4.MID_WN, int4.MID_KB
+    BM, NT, WR = 8 * mt * WM, 32 * WM * WN, 8 * mt
     CODES = WN * KB * 512
+    CC, XC = WN * KB * 32 // NT, KB * BM * 2 // NT
     kp, np_ = int4.padded(k, n)
     NB, KT = np_ // 64, kp // 16
     gen = rng()
@@ -204,7 +207,7 @@ def test_gemm_mid_stages_feed_each_lane_its_fragments(k, n, m):
     x_bytes = x.view(np.uint8).reshape(-1)
     ks, per = int4.mid_split(NB, KT, m, 3)
     assert (ks - 1) * per < KT <= ks * per
-    seen = np.zeros((NB, KT, -(-m // BM) * WM), dtype=int)  # (column block, row block, warp's 64 rows)
+    seen = np.zeros((NB, KT, -(-m // BM) * WM), dtype=int)  # (column block, row block, warp's rows)
     for bx in range(-(-NB // WN)):
         for by in range(-(-m // BM)):
             nb0, m0 = bx * WN, by * BM
@@ -212,26 +215,26 @@ def test_gemm_mid_stages_feed_each_lane_its_fragments(k, n, m):
                 kb0, kb1 = z * per, min(KT, z * per + per)
                 for kt0 in range(kb0, kb1, KB):
                     st = np.full(CODES + KB * BM * 32, 0xAB, dtype=np.uint8)  # a stale stage
-                    for tid in range(NT):  # load_stage: each thread's fixed chunks
-                        kc, lc, rx, hx = tid >> 5, tid & 31, tid >> 1, tid & 1
-                        if kt0 + kc < kb1:
-                            for w in range(WN):
-                                if nb0 + w < NB:
-                                    src = (((nb0 + w) * KT + kc) * 32 + lc + kt0 * 32) * 16
-                                    st[w * KB * 512 + kc * 512 + 16 * lc:][:16] = wq_bytes[src: src + 16]
-                        for kk in range(KB):
+                    for tid in range(NT):  # load_stage: copy c = tid + i NT of each kind
+                        for i in range(CC):
+                            c = tid + i * NT
+                            w, kk, lc = c // (KB * 32), (c >> 5) % KB, c & 31
+                            if nb0 + w < NB and kt0 + kk < kb1:
+                                src = (((nb0 + w) * KT + kk) * 32 + lc + kt0 * 32) * 16
+                                dst = (w * KB + kk) * 512 + 16 * lc
+                                st[dst: dst + 16] = wq_bytes[src: src + 16]
+                        for i in range(XC):
+                            c = tid + i * NT
+                            kk, r, h = c // (2 * BM), (c >> 1) % BM, c & 1
                             if kt0 + kk >= kb1:
-                                break  # past the slice: not copied (and never read)
-                            kcol = 16 * (kt0 + kk) + 8 * hx
-                            kin = kcol < k
-                            for i in range(2):
-                                row = m0 + rx + i * (BM // 2)
-                                ok = kin and row < m
-                                src = (row * k + kcol) * 2
-                                dst = CODES + rx * 32 + 16 * hx + kk * BM * 32 + i * (BM // 2) * 32
-                                st[dst: dst + 16] = x_bytes[src: src + 16] if ok else 0
+                                continue  # past the slice: not copied (and never read)
+                            kcol = 16 * kk + 8 * h + 16 * kt0
+                            ok = m0 + r < m and kcol < k
+                            src = ((m0 + r) * k + kcol) * 2
+                            dst = CODES + (kk * BM + r) * 32 + 16 * h
+                            st[dst: dst + 16] = x_bytes[src: src + 16] if ok else 0
                     for warp in range(WM * WN):
-                        wn, wm = warp % WN, warp // WN
+                        wn, wmi = warp % WN, warp // WN
                         nb = nb0 + wn
                         if nb >= NB:
                             continue
@@ -239,20 +242,20 @@ def test_gemm_mid_stages_feed_each_lane_its_fragments(k, n, m):
                             kt = kt0 + kk
                             if kt >= kb1:
                                 continue
-                            seen[nb, kt, by * WM + wm] += 1
+                            seen[nb, kt, by * WM + wmi] += 1
                             for lane in range(32):
                                 g, t = lane >> 2, lane & 3
                                 sc = wn * KB * 512 + 16 * lane + kk * 512
                                 assert np.array_equal(st[sc: sc + 16].view(np.uint32), wq[nb, kt, lane])
-                                for mt in range(8):
-                                    p = CODES + wm * 64 * 32 + kk * BM * 32 + mt * 256 + 8 * lane
+                                for mti in range(mt):
+                                    p = CODES + wmi * WR * 32 + kk * BM * 32 + mti * 256 + 8 * lane
                                     got = st[p: p + 8].view(np.uint16)
-                                    row, k0 = m0 + wm * 64 + 8 * mt + g, 16 * kt + 4 * t
+                                    row, k0 = m0 + wmi * WR + 8 * mti + g, 16 * kt + 4 * t
                                     want = np.zeros(4, dtype=np.uint16)
                                     if row < m:
                                         want[: max(0, min(4, k - k0))] = x[row, k0: k0 + 4]
-                                    assert np.array_equal(got, want), (nb, kt, lane, mt)
-    assert (seen == 1).all()  # every (column block, row block, 64 rows) once: none lost, none twice
+                                    assert np.array_equal(got, want), (nb, kt, lane, mti)
+    assert (seen == 1).all()  # every (column block, row block, warp's rows) once: none lost, none twice
 
 
 def test_gemm_mid_group_tracking_equals_the_group_of_each_row_block():
