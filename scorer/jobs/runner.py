@@ -207,15 +207,15 @@ def _run_job(plan: JobPlan, run_id: str, progress: Progress) -> JobStats:
         _warn_gpu_workers_on_cpu(j, opts, stats.workers)
         planned = j.job.runtime.compute_dtype(plan.gpu)
         plan, why = follow_workers_dtype(plan, stats.workers)
+        scored = j.job.runtime.compute_dtype(plan.gpu)
         if why is not None:
             for s in todo:
                 stats.failed[s.shard.uri] = why
             todo = []
-        elif j.job.runtime.compute_dtype(plan.gpu) != planned:
+        elif scored != planned:
             todo, stats.skipped = plan.todo, len(plan.skipped)
-            Progress.log(f"{j.name}: planned for {planned}, but the workers score in "
-                         f"{j.job.runtime.compute_dtype(plan.gpu)} (runtime.dtype unset): {len(todo)} shard(s) "
-                         f"to score, {stats.skipped} already committed in it")
+            Progress.log(f"{j.name}: planned for {planned}, but the workers score in {scored} (runtime.dtype "
+                         f"unset): {len(todo)} shard(s) to score, {stats.skipped} already committed in it")
         late_infos = []  # info() of replacement actors, collected at the end for the report
         stats.ready = time.monotonic()
         pending = deque(ShardTask(s.shard, s.name, s.fingerprint) for s in todo)
@@ -286,7 +286,7 @@ def _run_job(plan: JobPlan, run_id: str, progress: Progress) -> JobStats:
 def _warn_gpu_workers_on_cpu(j: LoadedJob, opts: dict[str, Any], infos: list[dict[str, Any]]) -> None:
     """Ray gave these actors a GPU, but their torch sees none (device auto then scores on the CPU): say so,
     since the run is slow and, with runtime.dtype unset, fingerprinted as the bfloat16 it is not."""
-    cpu = [w for w in infos if opts.get("num_gpus") and w.get("device") == "cpu"]
+    cpu = [w for w in infos if w.get("device") == "cpu"] if opts.get("num_gpus") else []
     if cpu:
         gpus = ", ".join(sorted({w.get("gpus") or "?" for w in cpu}))
         Progress.log(f"{j.name}: {len(cpu)} worker(s) were given a GPU by Ray (CUDA_VISIBLE_DEVICES {gpus}) but "

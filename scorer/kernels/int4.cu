@@ -154,6 +154,27 @@ template <int MT> __device__ __forceinline__ void zero_acc(float (&acc)[4][MT][4
       for (int r = 0; r < 4; ++r) acc[j][mt][r] = 0.f;
 }
 
+// One row block of a column block: the four code words of a lane dequantized into A fragments (word j:
+// columns 2j, 2j + 1 of the lane's 8), each fed to the mma of the MT row tiles of x (row tiles >= mts
+// skipped: rows past M).
+template <int DT, int MT>
+__device__ __forceinline__ void tile_mma(float (&acc)[4][MT][4], const uint4& wv, const u32 (&xb)[MT][2],
+                                         const u32 (&zz)[8], const u32 (&ss)[8], int mts = MT) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const u32 w = word(wv, j);
+    u32 a[4];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const int c = 2 * j + (s & 1);
+      a[s] = dq<DT>(w, s, zz[c], ss[c]);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      if (mt < mts) mma16816<DT>(acc[j][mt], a, xb[mt][0], xb[mt][1]);
+  }
+}
+
 // x fragments of MT row tiles that cp.async staged in shared memory: row tile mt's 8 bytes for this lane
 // at p + 256 mt + 8 lane, as the two B registers of mma.m16n8k16.
 template <int MT> __device__ __forceinline__ void lds_x(const char* p, int lane, u32 (&xv)[MT][2]) {
@@ -389,18 +410,7 @@ __global__ void __launch_bounds__(Cfg<MT>::KW * 32)
     const uint4 wv = *reinterpret_cast<const uint4*>(st + 16 * lane);
     u32 xb[MT][2];
     lds_x<MT>(st + 1152, lane, xb);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const u32 w = word(wv, j);
-      u32 a[4];
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        const int c = 2 * j + (s & 1);
-        a[s] = dq<DT>(w, s, zz[c], ss[c]);
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) mma16816<DT>(acc[j][mt], a, xb[mt][0], xb[mt][1]);
-    }
+    tile_mma<DT, MT>(acc, wv, xb, zz, ss);
   }
   cp_async_wait<0>();
   __syncthreads();  // the rings are reused as the reduction tiles below
@@ -1125,19 +1135,7 @@ __global__ void __launch_bounds__(MidCfg::NT, MID_MINB)
           const uint4 wv = *reinterpret_cast<const uint4*>(sc + kk * 512);
           u32 xb[MT][2];
           lds_x<MT>(sx + kk * C::BM * 32, lane, xb);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const u32 w = word(wv, j);
-            u32 a[4];
-#pragma unroll
-            for (int s = 0; s < 4; ++s) {
-              const int c = 2 * j + (s & 1);
-              a[s] = dq<DT>(w, s, zz[c], ss[c]);
-            }
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-              if (mt < mts) mma16816<DT>(acc[j][mt], a, xb[mt][0], xb[mt][1]);
-          }
+          tile_mma<DT, MT>(acc, wv, xb, zz, ss, mts);
         }
       }
     }
@@ -1159,25 +1157,8 @@ __global__ void __launch_bounds__(MidCfg::NT, MID_MINB)
       }
     }
   };
-  if (KS == 1) {
-    load_bias();
-    if (cols) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int d = 0; d < 2; ++d) {
-          const int m = mw + 8 * mt + 2 * t + d;
-          if (m < M) {
-            float v[8];
-            row8<MT>(acc, mt, d, v);
-            store_row8<DT>(y + (size_t)m * N + ncol, v, bv);
-          }
-        }
-    }
-    return;
-  }
-  if (active) {
-    float* part = ws + (size_t)ks * M * Np;
+  // f(m, v) for each of this thread's rows m < M, v its 8 accumulated columns in order
+  auto for_rows = [&](auto&& f) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -1186,10 +1167,22 @@ __global__ void __launch_bounds__(MidCfg::NT, MID_MINB)
         if (m < M) {
           float v[8];
           row8<MT>(acc, mt, d, v);
-          st_f4(part + (size_t)m * Np + ncol, make_float4(v[0], v[1], v[2], v[3]));
-          st_f4(part + (size_t)m * Np + ncol + 4, make_float4(v[4], v[5], v[6], v[7]));
+          f(m, v);
         }
       }
+  };
+  auto store_y = [&](int m, const float (&v)[8]) { store_row8<DT>(y + (size_t)m * N + ncol, v, bv); };
+  if (KS == 1) {
+    load_bias();
+    if (cols) for_rows(store_y);
+    return;
+  }
+  if (active) {
+    float* part = ws + (size_t)ks * M * Np;
+    for_rows([&](int m, const float (&v)[8]) {
+      st_f4(part + (size_t)m * Np + ncol, make_float4(v[0], v[1], v[2], v[3]));
+      st_f4(part + (size_t)m * Np + ncol + 4, make_float4(v[4], v[5], v[6], v[7]));
+    });
   }
   __threadfence();
   __syncthreads();
@@ -1237,17 +1230,7 @@ __global__ void __launch_bounds__(MidCfg::NT, MID_MINB)
           }
       }
     }
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int d = 0; d < 2; ++d) {
-        const int m = mw + 8 * mt + 2 * t + d;
-        if (m < M) {
-          float v[8];
-          row8<MT>(acc, mt, d, v);
-          store_row8<DT>(y + (size_t)m * N + ncol, v, bv);
-        }
-      }
+    for_rows(store_y);
   }
   if (tid == 0) counters[tile] = 0;  // ready for the next launch on this stream
 }

@@ -710,18 +710,26 @@ def gemv_ring(w: Int4Weight, mt: int) -> int:
 _crossover: dict[tuple, int] = {}
 
 
+def _measured_once(w: Int4Weight, attr: str, cache: dict, measure, in_capture):
+    """The layer's own answer `w.<attr>`, else the one measured for its (device, K, N, dtype, act), else
+    `measure(w)` now, kept in both; inside a graph capture, which cannot time, `in_capture` until then."""
+    v = getattr(w, attr)
+    if v is not None:
+        return v
+    key = (w.qweight.device.index, w.k, w.n, w.dtype, w.perm is not None)
+    v = cache.get(key)
+    if v is None:
+        if torch.cuda.is_current_stream_capturing():
+            return in_capture
+        v = cache[key] = measure(w)
+    setattr(w, attr, v)
+    return v
+
+
 def crossover(w: Int4Weight) -> int:
     """Largest m for which gemm_small is used (0: never); measured once per (device, K, N, dtype, act)."""
-    if w.cross is not None:
-        return w.cross
-    key = (w.qweight.device.index, w.k, w.n, w.dtype, w.perm is not None)
-    c = _crossover.get(key)
-    if c is None:
-        if torch.cuda.is_current_stream_capturing():
-            return 16  # cannot time inside a graph capture; a safe middle until measured outside one
-        c = _crossover[key] = measure_crossover(w)
-    w.cross = c
-    return c
+    # inside a graph capture until measured: 16, a safe middle
+    return _measured_once(w, "cross", _crossover, measure_crossover, 16)
 
 
 def _gpu_time(fn, reps: int = 7) -> float:
@@ -768,18 +776,8 @@ def mid_wins(w: Int4Weight) -> tuple[bool, ...]:
     whether gemm_mid beat what `matmul` runs there without it (gemm_small below its crossover, else dequant
     + cuBLAS): measured once per (device, K, N, dtype, act) at first use, never inside a graph capture
     (there, until measured: no bucket). All False unless MID_ENABLED."""
-    if not MID_ENABLED:
-        return (False,) * len(MID_PROBES)
-    if w.mid_wins is not None:
-        return w.mid_wins
-    key = (w.qweight.device.index, w.k, w.n, w.dtype, w.perm is not None)
-    wins = _mid_wins.get(key)
-    if wins is None:
-        if torch.cuda.is_current_stream_capturing():
-            return (False,) * len(MID_PROBES)  # cannot time inside a capture: dequant + cuBLAS always runs
-        wins = _mid_wins[key] = measure_mid_wins(w)
-    w.mid_wins = wins
-    return wins
+    none = (False,) * len(MID_PROBES)  # also inside a capture until measured: the paths that always run
+    return _measured_once(w, "mid_wins", _mid_wins, measure_mid_wins, none) if MID_ENABLED else none
 
 
 def uses_mid(w: Int4Weight, m: int) -> bool:
@@ -795,17 +793,17 @@ def measure_mid_wins(w: Int4Weight, probes: tuple[int, ...] = MID_PROBES) -> tup
     dev = w.qweight.device
     x = torch.randn(max(probes), w.k, device=dev, dtype=w.dtype)
     y = torch.empty(max(probes), w.n, device=dev, dtype=w.dtype)
-    cross = crossover(w)
+    cross = min(crossover(w), MAX_FUSED_M)
     wins = []
     for m in probes:
         xm, ym = x[:m], y[:m]
-        other = (lambda: gemm_small(xm, w, ym)) if m <= min(cross, MAX_FUSED_M) else (lambda: dequant_matmul(xm, w))
+        other = (lambda: gemm_small(xm, w, ym)) if m <= cross else (lambda: dequant_matmul(xm, w))
         gemm_mid(xm, w, ym)  # warm: module load, scratch
         other()
         t_mid, t_other = _gpu_time(lambda: gemm_mid(xm, w, ym)), _gpu_time(other)
         wins.append(t_mid < t_other)
         log.debug("int4 gemm_mid K=%d N=%d m=%d: %.1f us, %s %.1f us", w.k, w.n, m, t_mid * 1e6,
-                  "gemm_small" if m <= min(cross, MAX_FUSED_M) else "dequant+cuBLAS", t_other * 1e6)
+                  "gemm_small" if m <= cross else "dequant+cuBLAS", t_other * 1e6)
     log.info("int4 K=%d N=%d %s on %s: gemm_mid at m <= %s of %s (measured)", w.k, w.n,
              str(w.dtype).removeprefix("torch."), torch.cuda.get_device_name(dev),
              [p for p, won in zip(probes, wins) if won], list(probes))
