@@ -934,6 +934,195 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
 
 
 // ---------------------------------------------------------------------------------------------------
+// One-launch fused GEMM for M <= 8 * MT rows (MT 1 or 2), split over K by thread-block clusters (sm_90):
+// y[M][N] = x[M][K] @ W + bias, x's columns in sequential order (the caller gathers them under act-order),
+// rows ldx apart; k >= K reads as zero, so an x of K columns needs no padded copy. gemv's stream-K rings
+// take a second launch to add up split column blocks; on layers whose whole read is a few microseconds
+// a launch is a large part of the time. Here the grid is (Np / 64, KS) and each cluster of KS blocks (one
+// per K slice of `per` row blocks) owns one column block:
+//   * each block's KW warps stream contiguous runs of its slice's row blocks through an S-stage cp.async
+//     ring a warp (codes, scales, zeros and x's fragments, as gemm_small), dequant + mma;
+//   * the warps' partials are summed in warp order into the block's shared memory; after a cluster
+//     barrier the blocks sum the KS partials in rank order through distributed shared memory, add the
+//     bias and write y. No workspace, no counter, no second launch; deterministic.
+#ifndef CL_WARPS
+#define CL_WARPS 4  // warps per block (scorer.kernels.int4 mirrors the defaults)
+#endif
+#ifndef CL_STAGES
+#define CL_STAGES 4  // ring stages per warp
+#endif
+template <int MT> struct ClCfg {
+  static constexpr int KW = CL_WARPS, S = CL_STAGES, NT = KW * 32;
+  static constexpr int STAGE = 32 * (16 + 16 + 4 + 8 * MT);  // a warp's codes, scales, zeros, x of a row block
+  static constexpr int RING = KW * S * STAGE;
+  static constexpr int RED = KW * MT * 8 * 65 * 4;  // the warps' partial tiles (fp32, rows 65 apart)
+  static constexpr int SMEM = RING > RED ? RING : RED;
+};
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define INT4_CLUSTER 1
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// An address of this block's shared memory, as the same offset in the block of rank `rank` of the cluster.
+__device__ __forceinline__ u32 cluster_addr(const void* p, u32 rank) {
+  u32 r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(smem_addr(p)), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ float4 ld_cluster_f4(u32 a) {
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(a)
+               : "memory");
+  return v;
+}
+#define CLUSTER_DIMS(ks) __cluster_dims__(1, ks, 1)
+#else
+#define INT4_CLUSTER 0  // before sm_90 the kernel builds, traps if launched; the host never picks it there
+#define CLUSTER_DIMS(ks)
+#endif
+
+template <int DT, int MT, int KS>
+__global__ void CLUSTER_DIMS(KS) __launch_bounds__(CL_WARPS * 32)
+    int4_gemv_cl(const u16* __restrict__ x, const uint4* __restrict__ wq, const u16* __restrict__ scales,
+                 const u32* __restrict__ qzeros, const u16* __restrict__ bias, u16* __restrict__ y, int M, int ldx,
+                 int K, int N, int Np, int KT, int G, int gs16, int per) {
+#if INT4_CLUSTER
+  using C = ClCfg<MT>;
+  constexpr int KW = C::KW, S = C::S, NT = C::NT;
+  constexpr int ROW = 65, TILE = MT * 8 * ROW;
+  extern __shared__ uint4 dyn[];
+  __shared__ __align__(16) float part[MT * 8 * 64];  // this block's partial of the column block
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int nb = blockIdx.x, ks = blockIdx.y;  // grid.y == KS: ks is the block's rank in its cluster
+  const int kb0 = min(KT, ks * per), kb1 = min(KT, kb0 + per);
+  const int per_w = (kb1 - kb0 + KW - 1) / KW;
+  const int beg = min(kb1, kb0 + warp * per_w), end = min(kb1, beg + per_w);
+  const int ncol = nb * 64 + 8 * g;
+
+  char* ring = reinterpret_cast<char*>(dyn) + warp * S * C::STAGE;
+  const uint4* wbase = wq + (size_t)nb * KT * 32 + lane;
+  auto issue = [&](int k, int slot) {
+    char* st = ring + slot * C::STAGE;
+    cp_async16_cg(st + 16 * lane, wbase + (size_t)k * 32);
+    const int grp = min(k / gs16, G - 1);
+    cp_async16(st + 512 + 16 * lane, scales + (size_t)grp * Np + ncol);
+    cp_async4(st + 1024 + 4 * lane, qzeros + (size_t)grp * (Np >> 3) + (ncol >> 3));
+    const int k0 = k * 16 + 4 * t;  // K is a multiple of 8: x[row][k0 .. k0 + 3] all < K or all past it
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int row = mt * 8 + g;
+      const bool ok = row < M && k0 < K;
+      cp_async8_zfill(st + 1152 + mt * 256 + 8 * lane,
+                      ok ? (const void*)(x + (size_t)row * ldx + k0) : (const void*)x, ok);
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) {
+    if (beg + i < end) issue(beg + i, i);
+    cp_async_commit();
+  }
+
+  float acc[4][MT][4];
+  zero_acc<MT>(acc);
+  int cur = -1;
+  u32 ss[8], zz[8];
+#pragma unroll
+  for (int c = 0; c < 8; ++c) ss[c] = zz[c] = 0u;
+  for (int k = beg, i = 0; k < end; ++k, ++i) {
+    cp_async_wait<S - 2>();  // this lane's copies for row block k have landed (each lane reads only its own)
+    if (k + S - 1 < end) issue(k + S - 1, (i + S - 1) % S);
+    cp_async_commit();
+    const char* st = ring + (i % S) * C::STAGE;
+    const int grp = min(k / gs16, G - 1);
+    if (grp != cur) {  // warp-uniform
+      cur = grp;
+      const uint4 sv = *reinterpret_cast<const uint4*>(st + 512 + 16 * lane);
+      const u32 zv = *reinterpret_cast<const u32*>(st + 1024 + 4 * lane);
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        ss[c] = scale2(sv, c);
+        zz[c] = zero2<DT>(zv, c);
+      }
+    }
+    const uint4 wv = *reinterpret_cast<const uint4*>(st + 16 * lane);
+    u32 xb[MT][2];
+    lds_x<MT>(st + 1152, lane, xb);
+    tile_mma<DT, MT>(acc, wv, xb, zz, ss);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the rings are reused as the warps' partial tiles
+
+  // C fragment: acc[j][mt] = {y[m][n], y[m+1][n], y[m][n+1], y[m+1][n+1]}, m = 8mt + 2t, n = 8g + 2j.
+  float* red = reinterpret_cast<float*>(dyn);
+  float* mine = red + warp * TILE;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int m = mt * 8 + 2 * t, n = 8 * g + 2 * j;
+      mine[m * ROW + n] = acc[j][mt][0];
+      mine[(m + 1) * ROW + n] = acc[j][mt][1];
+      mine[m * ROW + n + 1] = acc[j][mt][2];
+      mine[(m + 1) * ROW + n + 1] = acc[j][mt][3];
+    }
+  }
+  __syncthreads();
+  constexpr int ITEMS = MT * 8 * 8;  // (row m, 8 adjacent columns)
+  for (int it = threadIdx.x; it < ITEMS; it += NT) {
+    const int m = it >> 3, c8 = (it & 7) * 8;
+    float s[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s[i] = 0.f;
+#pragma unroll
+    for (int w = 0; w < KW; ++w)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s[i] += red[w * TILE + m * ROW + c8 + i];
+    *reinterpret_cast<float4*>(part + m * 64 + c8) = make_float4(s[0], s[1], s[2], s[3]);
+    *reinterpret_cast<float4*>(part + m * 64 + c8 + 4) = make_float4(s[4], s[5], s[6], s[7]);
+  }
+  cluster_sync();  // every block's partial is in its shared memory
+
+  // the cluster's ranks share the output items; each sums the KS partials in rank order
+  for (int it = ks * NT + threadIdx.x; it < ITEMS; it += KS * NT) {
+    const int m = it >> 3, c8 = (it & 7) * 8, n = nb * 64 + c8;
+    if (m >= M || n >= N) continue;
+    float s[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s[i] = 0.f;
+#pragma unroll
+    for (int q = 0; q < KS; ++q) {
+      const float4 a = ld_cluster_f4(cluster_addr(part + m * 64 + c8, q));
+      const float4 b = ld_cluster_f4(cluster_addr(part + m * 64 + c8 + 4, q));
+      s[0] += a.x; s[1] += a.y; s[2] += a.z; s[3] += a.w;
+      s[4] += b.x; s[5] += b.y; s[6] += b.z; s[7] += b.w;
+    }
+    if (bias != nullptr) {
+      const uint4 bv = ld_v4(bias + n);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const u32 b2 = word(bv, i);
+        s[2 * i] += to_f32<DT>((u16)(b2 & 0xFFFFu));
+        s[2 * i + 1] += to_f32<DT>((u16)(b2 >> 16));
+      }
+    }
+    uint4 o;
+    o.x = pack2<DT>(s[0], s[1]);
+    o.y = pack2<DT>(s[2], s[3]);
+    o.z = pack2<DT>(s[4], s[5]);
+    o.w = pack2<DT>(s[6], s[7]);
+    st_v4(y + (size_t)m * N + n, o);
+  }
+  cluster_sync();  // no block leaves while another still reads its partial
+#else
+  __trap();
+#endif
+}
+
+
+// ---------------------------------------------------------------------------------------------------
 // Mid-size m (17 .. MID_MAX_M rows in scorer.kernels.int4): too many rows for gemm_small, whose blocks
 // each re-read all of x for one column block (8192x57344 at m = 64 reads ~0.9 GB of x from L2), too
 // few for the dequant pass to hide behind cuBLAS. y[M][N] = x[M][K] @ W + bias with the dequant in the
