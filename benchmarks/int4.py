@@ -200,7 +200,7 @@ def bench_shape(k: int, n: int, ms: list[int]) -> tuple[list[dict], dict]:
             if m <= int4.GEMV_MAX_M:  # the split-K kernel that gemv replaced there, same run
                 row["tiles_us"] = gpu_time([lambda i=i: int4.gemm_tiles(xs[i % nx], ws[i % nq], out)
                                             for i in range(max(nq, nx))]) * 1e6
-                for r in int4.GEMV_RINGS:  # each of gemv's variants (gemv_ring keeps the fastest per shape)
+                for r in int4.GEMV_RINGS:  # both of gemv's rings (gemv_ring keeps the faster per shape)
                     row[f"ring{r}_us"] = gpu_time([lambda i=i, r=r: int4.gemv(xs[i % nx], ws[i % nq], out, r)
                                                    for i in range(max(nq, nx))]) * 1e6
                 row["static_us"] = gpu_time([lambda i=i: int4.matmul(xs[i % nx], wss[i % len(wss)])
@@ -236,18 +236,17 @@ def markdown(rows: list[dict], infos: list[dict], model: dict | None, device: st
     lines = [f"### 4-bit GPTQ path on {device} (torch {torch.__version__})", "",
              "g128 act-order; speedup = fp16 cuBLAS / 4-bit. fused = what the fused path runs (gemv for m <= 16), "
              "tiles = the split-K kernel at the same m; at m >= 1024: cuBLAS NN alone (the act-order path's GEMM) "
-             "and the static-group layer (dequant W^T + cuBLAS TN; at m <= 16 the same layer without act-order). gemv rings 1 and 2 "
-             "are stream-K with a fix-up launch, ring 3 one launch split over K by thread-block clusters.", "",
+             "and the static-group layer (dequant W^T + cuBLAS TN); at m <= 16 static is the same layer without act-order "
+             "(no gather launch).", "",
              "| K x N | m | fp16 cuBLAS us | 4-bit us | speedup | path | fused us | fused TB/s | tiles us "
-             "| gemv ring 1 us | gemv ring 2 us | gemv ring 3 us | dequant+mm us | cuBLAS NN us | static 4-bit us "
-             "| static speedup |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| gemv ring 1 us | gemv ring 2 us | dequant+mm us | cuBLAS NN us | static 4-bit us | static speedup |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         tb = f"{r['fused_TBps']:.2f}" if "fused_TBps" in r else ""
         ss = f"{r['static_speedup']:.2f}x" if "static_speedup" in r else ""
         lines.append(f"| {r['K']}x{r['N']} | {r['m']} | {r['cublas_fp16_us']:.1f} | {r['int4_us']:.1f} | "
                      f"{r['speedup']:.2f}x | {r['path']} | {f1(r, 'fused_us')} | {tb} | {f1(r, 'tiles_us')} | "
-                     f"{f1(r, 'ring1_us')} | {f1(r, 'ring2_us')} | {f1(r, 'ring3_us')} | "
+                     f"{f1(r, 'ring1_us')} | {f1(r, 'ring2_us')} | "
                      f"{f1(r, 'dequant_mm_us')} | {f1(r, 'cublas_nn_us')} | {f1(r, 'static_us')} | {ss} |")
     mid = [r for r in rows if "mid_us" in r]
     if mid:

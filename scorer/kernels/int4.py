@@ -46,10 +46,7 @@ GEMV_WARPS = 4  # warps per block of int4_gemv (GEMV_WARPS in int4.cu)
 GEMV_BLOCKS = {1: 6, 2: 4}  # blocks per SM by row tiles (GEMV_B1, GEMV_B2 in int4.cu: its launch bounds)
 GEMV_WAVE = GEMV_WARPS * GEMV_BLOCKS[2]  # warps per SM in gemv's one wave (the smaller of the two)
 GEMV_MIN_CHUNK = 16  # tiles per warp at least: fewer pieces to fix up on small layers
-GEMV_RINGS = (1, 2, 3)  # gemv's variants: int4_gemv<DT, MT, R> with 1 a cp.async ring per lane or 2 bulk
-# copies (sm_90+; ring 1 below), and 3 int4_gemv_cl, one launch split over K by clusters (sm_90+; ring 1 below)
-CL_WARPS, CL_STAGES = 4, 4  # int4_gemv_cl's warps per block and ring stages per warp (CL_WARPS, CL_STAGES)
-CL_SPLITS = (1, 2, 4, 8)  # its cluster sizes (KS: blocks a column block; 8 is the portable largest)
+GEMV_RINGS = (1, 2)  # int4_gemv<DT, MT, R>: 1 cp.async per lane, 2 bulk copies (sm_90+; ring 1 below)
 CROSSOVER_PROBES = (1, 8, 16, 32, 48, 64)
 MID_MAX_M = 1024  # gemm_mid's largest m
 # MID_* in int4.cu: warps down and across, row tiles of 8 a warp, tiles a stage, stages, blocks a SM
@@ -221,10 +218,7 @@ def _names() -> list[str]:
         names.append(f"int4_gemm_mid<{dt}>")
         for mt in (1, 2):
             for r in GEMV_RINGS:
-                if r != 3:
-                    names.append(f"int4_gemv<{dt}, {mt}, {r}>")
-            for ks in CL_SPLITS:
-                names.append(f"int4_gemv_cl<{dt}, {mt}, {ks}>")
+                names.append(f"int4_gemv<{dt}, {mt}, {r}>")
             names.append(f"int4_gemv_fix<{dt}, {mt}>")
     return names
 
@@ -238,8 +232,7 @@ def _module(index: int):
             mod = _modules.get(index)
             if mod is None:
                 opts = ("-std=c++17", f"-DINT4_SMALL_WARPS={SMALL_WARPS}", f"-DINT4_SMALL_STAGES={SMALL_STAGES}",
-                        f"-DGEMV_WARPS={GEMV_WARPS}", f"-DCL_WARPS={CL_WARPS}", f"-DCL_STAGES={CL_STAGES}",
-                        f"-DMID_WM={MID_WM}", f"-DMID_WN={MID_WN}",
+                        f"-DGEMV_WARPS={GEMV_WARPS}", f"-DMID_WM={MID_WM}", f"-DMID_WN={MID_WN}",
                         f"-DMID_MT={MID_MT}", f"-DMID_KB={MID_KB}", f"-DMID_S={MID_S}", f"-DMID_MINB={MID_MINB}")
                 mod = cupy.RawModule(code=SOURCE.read_text(), options=opts, name_expressions=_names())
                 _modules[index] = mod
@@ -247,23 +240,20 @@ def _module(index: int):
 
 
 _functions: dict[tuple[int, str], object] = {}
-_smem_opt_in: dict[tuple[int, str], int] = {}  # the dynamic shared memory each function may launch with
 
 
 def _kernel(index: int, name: str, smem: int = 0):
-    """A kernel of the device's module, allowed `smem` bytes of dynamic shared memory (the opt-in above
-    48 KB grows with the largest a caller asks for: int4_gemv_cl's depends on the layer's K)."""
     fn = _functions.get((index, name))
     if fn is None:
-        fn = _functions[(index, name)] = _module(index).get_function(name)
-    if smem > max(48 * 1024, _smem_opt_in.get((index, name), 0)):
-        try:
-            fn.max_dynamic_shared_size_bytes = smem
-        except AttributeError:
-            import cupy
+        fn = _module(index).get_function(name)
+        if smem > 48 * 1024:  # opt in to more than 48 KB of dynamic shared memory
+            try:
+                fn.max_dynamic_shared_size_bytes = smem
+            except AttributeError:
+                import cupy
 
-            cupy.cuda.driver.funcSetAttribute(fn.ptr, 8, smem)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        _smem_opt_in[(index, name)] = smem
+                cupy.cuda.driver.funcSetAttribute(fn.ptr, 8, smem)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        _functions[(index, name)] = fn
     return fn
 
 
@@ -430,30 +420,6 @@ def gemv_layout(nblocks: int, kt: int, sms: int, min_chunk: int = GEMV_MIN_CHUNK
     return chunk, warps, -(-kt // chunk) + 1
 
 
-def cl_smem(mt: int) -> int:
-    """Dynamic shared memory bytes of int4_gemv_cl<.., MT, ..> (ClCfg<MT>::SMEM in int4.cu)."""
-    return max(CL_WARPS * CL_STAGES * 32 * (36 + 8 * mt), CL_WARPS * mt * 8 * 65 * 4)
-
-
-def cl_blocks_per_sm(mt: int) -> int:
-    """int4_gemv_cl's blocks a SM: shared memory (with its static partial) and 64 K registers (ptxas gives it
-    72 a thread at MT = 1, 94 at MT = 2 on sm_90)."""
-    regs = 72 if mt == 1 else 96
-    return max(1, min(8, 65536 // (regs * 32 * CL_WARPS), (228 * 1024) // (cl_smem(mt) + mt * 2048 + 1024)))
-
-
-def cl_split(nblocks: int, kt: int, mt: int, sms: int) -> tuple[int, int]:
-    """(KS, row blocks a slice) of int4_gemv_cl: the largest cluster size whose nblocks * KS blocks fit one
-    wave (more bytes in flight, no tail) with at least 2 row blocks a warp; KS = 1 (no split) where even
-    that is more than a wave."""
-    ks = 1
-    for c in CL_SPLITS:
-        if nblocks * c <= sms * cl_blocks_per_sm(mt) and kt >= 2 * CL_WARPS * c:
-            ks = c
-    per = -(-kt // ks)
-    return -(-kt // per), per
-
-
 def gemv_pieces(nb: int, kt: int, chunk: int) -> tuple[int, int]:
     """(first warp, pieces) of column block nb in gemv's partition (the kernel's own arithmetic)."""
     lo, hi = (nb * kt) // chunk, ((nb + 1) * kt - 1) // chunk
@@ -580,7 +546,7 @@ class _Launch:
     the slots that change (x, out) and launches through the driver, skipping CuPy's per-call argument
     conversion (~10 us of host time a launch, which is what a short batch of a 4-bit model waits on)."""
 
-    def __init__(self, fn, grid: tuple[int, ...], block: int, args: list, smem: int = 0) -> None:
+    def __init__(self, fn, grid: tuple[int, ...], block: int, args: list) -> None:
         import ctypes
 
         import numpy as np
@@ -588,7 +554,6 @@ class _Launch:
         self.f = (fn.kernel if hasattr(fn, "kernel") else fn).ptr  # RawKernel -> its Function's CUfunction
         self.grid = (*grid, 1, 1)[:3]
         self.block = block
-        self.smem = smem
         self.vals = [ctypes.c_uint64(int(a)) if isinstance(a, (np.uint64, _Slot)) else ctypes.c_int32(int(a))
                      for a in args]
         self.params = (ctypes.c_void_p * len(self.vals))(*[ctypes.addressof(v) for v in self.vals])
@@ -598,7 +563,7 @@ class _Launch:
     def __call__(self, stream: int, **ptrs: int) -> None:
         for name, ptr in ptrs.items():
             self.vals[self.slots[name]].value = ptr
-        _driver().launchKernel(self.f, *self.grid, self.block, 1, 1, self.smem, stream, self.params_ptr, 0)
+        _driver().launchKernel(self.f, *self.grid, self.block, 1, 1, 0, stream, self.params_ptr, 0)
 
 
 _cupy_driver = None
@@ -627,10 +592,10 @@ class _Slot(int):
 class _GemvPlan:
     """gemv's launches for one (layer, m, ring), built once."""
 
-    buf_ptr: int | None  # the scratch buffer they point into (a grown buffer invalidates the plan); None: none
+    buf_ptr: int  # the scratch buffer they point into (a grown buffer invalidates the plan)
     stage: _Launch | None  # int4_stage_x, when x is staged
     main: _Launch
-    fix: _Launch | None  # int4_gemv_fix (not ring 3: its clusters sum their partials themselves)
+    fix: _Launch
     lock: threading.Lock
 
 
@@ -640,26 +605,10 @@ def _gemv_plan(w: Int4Weight, m: int, ring: int) -> _GemvPlan:
     dev = w.qweight.device
     kp, np_ = padded(w.k, w.n)
     nbk, kt = w.qweight.shape[:2]
-    i32 = np.int32
-    if ring == 3:  # one launch (two under act-order: x's columns gathered first); no fix-up
-        mt = mt_of(m)
-        ks, per = cl_split(nbk, kt, mt, _sm_count(dev))
-        st, x, ldx, base = None, _Slot("x"), w.k, None
-        if w.perm is not None:
-            s = _get_scratch(dev, _align(m * kp * 2))
-            base = s.buf.data_ptr()
-            st = _Launch(_kernel(dev.index, "int4_stage_x"), _stage_grid(m, kp), _STAGE_BLOCK,
-                         [_Slot("x"), _ptr(w.perm), np.uint64(base), i32(w.k), i32(kp)])
-            x, ldx = np.uint64(base), kp
-        smem = cl_smem(mt)
-        main = _Launch(_kernel(dev.index, f"int4_gemv_cl<{_DT[w.dtype]}, {mt}, {ks}>", smem), (nbk, ks),
-                       32 * CL_WARPS, [x, _ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(w.bias), _Slot("y"),
-                                       i32(m), i32(ldx), i32(w.k), i32(w.n), i32(np_), i32(kt), i32(w.n_groups),
-                                       i32(w.group16), i32(per)], smem)
-        return _GemvPlan(base, st, main, None, threading.Lock())
     stage, part, (chunk, warps, pmax) = _gemv_layout(w, m)
     s = _get_scratch(dev, stage + part)
     base = s.buf.data_ptr()
+    i32 = np.int32
     st = None
     if stage:  # x with rows Kp apart and zeros past K, columns gathered under act-order
         st = _Launch(_kernel(dev.index, "int4_stage_x"), _stage_grid(m, kp), _STAGE_BLOCK,
@@ -676,22 +625,19 @@ def _gemv_plan(w: Int4Weight, m: int, ring: int) -> _GemvPlan:
 
 
 def gemv(x: torch.Tensor, w: Int4Weight, out: torch.Tensor, ring: int | None = None) -> torch.Tensor:
-    """out (M, N) <- x (M, K) @ W + bias for 1 <= M <= 16: the fused 4-bit GEMM of the memory-bound case.
-    ring: one of GEMV_RINGS (1, 2: stream-K with a fix-up; 3: one launch split over K by clusters), or None
-    for the one `gemv_ring` measured fastest on this layer. Rings 1 and 2 give bit-identical results; 3 adds
-    in another order. The launches of each (m, ring) are planned once per layer (host time is what a
-    short batch pays)."""
+    """out (M, N) <- x (M, K) @ W + bias for 1 <= M <= 16: the stream-K fused 4-bit GEMM.
+    ring: 1 or 2 (GEMV_RINGS), or None for the one `gemv_ring` measured faster on this layer.
+    The launches of each (m, ring) are planned once per layer (host time is what a short batch pays)."""
     m = _check_fused(x, w, out, "gemv", GEMV_MAX_M)
     if ring is None:
         ring = gemv_ring(w, mt_of(m))
     elif ring not in GEMV_RINGS:
         raise ValueError(f"gemv: ring must be one of {GEMV_RINGS}, not {ring!r}")
-    elif ring == 3 and not cl_fits(w):
-        ring = 1  # before sm_90
     dev = w.qweight.device
     plans = w.plans
     plan = plans.get((m, ring))
-    if plan is None or plan.buf_ptr is not None and _scratch[dev.index].buf.data_ptr() != plan.buf_ptr:
+    buf = _scratch[dev.index].buf if dev.index in _scratch else None
+    if plan is None or buf is None or buf.data_ptr() != plan.buf_ptr:
         plan = plans[(m, ring)] = _gemv_plan(w, m, ring)
     stream = _raw_stream_of(dev)
     with plan.lock:  # the packed arguments are rewritten per call
@@ -700,14 +646,8 @@ def gemv(x: torch.Tensor, w: Int4Weight, out: torch.Tensor, ring: int | None = N
             plan.main(stream, y=out.data_ptr())
         else:
             plan.main(stream, x=x.data_ptr(), y=out.data_ptr())
-        if plan.fix is not None:
-            plan.fix(stream, y=out.data_ptr())
+        plan.fix(stream, y=out.data_ptr())
     return out
-
-
-def cl_fits(w: Int4Weight) -> bool:
-    """Whether ring 3 (int4_gemv_cl, thread-block clusters) runs on this layer's device: sm_90+."""
-    return torch.cuda.get_device_capability(w.qweight.device) >= (9, 0)
 
 
 def gemm_small(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
@@ -739,8 +679,8 @@ _rings: dict[tuple, int] = {}
 
 
 def gemv_ring(w: Int4Weight, mt: int) -> int:
-    """The fastest of gemv's rings for this layer at mt row tiles, timed once per (device, K, N, dtype,
-    act-order, mt) at first use. Rings 2 and 3 need sm_90 (elsewhere ring 1 runs: nothing to time)."""
+    """The faster of gemv's rings for this layer at mt row tiles, timed once per (device, K, N, dtype,
+    act-order, mt) at first use. Ring 2 needs sm_90 (elsewhere it builds as ring 1: nothing to time)."""
     r = w.rings.get(mt)  # this layer's own answer: no key to build
     if r is not None:
         return r
@@ -758,13 +698,11 @@ def gemv_ring(w: Int4Weight, mt: int) -> int:
             y = torch.empty(m, w.n, device=dev, dtype=w.dtype)
             times = {}
             for ring in GEMV_RINGS:
-                if ring == 3 and not cl_fits(w):
-                    continue
                 gemv(x, w, y, ring)  # warm: module load, scratch
                 times[ring] = _gpu_time(lambda: gemv(x, w, y, ring))
             r = _rings[key] = min(times, key=times.get)
-            log.debug("int4 gemv K=%d N=%d m<=%d: %s", w.k, w.n, m,
-                      ", ".join(f"ring {k} {v * 1e6:.1f} us" for k, v in times.items()))
+            log.debug("int4 gemv K=%d N=%d m<=%d: ring 1 %.1f us, ring 2 %.1f us", w.k, w.n, m,
+                      times[1] * 1e6, times[2] * 1e6)
     w.rings[mt] = r
     return r
 
@@ -963,7 +901,7 @@ def bandwidth_bytes(w: Int4Weight) -> int:
 
 __all__ = [
     "Int4Weight", "available", "bandwidth_bytes", "crossover", "dequant", "dequant_matmul", "dequant_rows",
-    "cl_blocks_per_sm", "cl_fits", "cl_smem", "cl_split", "gemm_mid", "gemm_small", "gemm_tiles", "gemv", "gemv_layout", "gemv_pieces", "gemv_ring", "int4_matmul",
+    "gemm_mid", "gemm_small", "gemm_tiles", "gemv", "gemv_layout", "gemv_pieces", "gemv_ring", "int4_matmul",
     "linear", "matmul", "measure_crossover", "measure_mid_wins", "mid_split", "mid_wins", "mt_of",
     "padded", "reference_matmul", "reference_weight", "register", "repack", "reserve", "split_k", "unrepack",
     "uses_mid", "warps_of",

@@ -99,8 +99,7 @@ GEMV_CASES = [(shape, *v) for shape in SHAPES for v in VARIANTS] + [  # + Llama-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,gs,v1,sym,act", GEMV_CASES)
 def test_gemv_every_m_to_16_agrees_with_gemm_tiles(shape, gs, v1, sym, act, dtype):
-    """gemv (m <= 16) against the reference and the split-K kernel, every variant: the stream-K rings,
-    and ring 3 (clusters: x gathered in the kernel, K slices summed through distributed shared memory)."""
+    """The stream-K kernel (m <= 16) against the reference and the split-K kernel, every variant."""
     from scorer.kernels import int4
 
     k, n = shape
@@ -117,8 +116,6 @@ def test_gemv_every_m_to_16_agrees_with_gemm_tiles(shape, gs, v1, sym, act, dtyp
         # the bulk-copy ring (sm_90; ring 1 elsewhere) runs the same arithmetic in the same order
         bulk = int4.gemv(x, w, torch.full((m, n), float("nan"), dtype=dtype, device="cuda"), ring=2)
         assert torch.equal(bulk, out), f"ring 2 differs from ring 1 at m={m}"
-        cl = int4.gemv(x, w, torch.full((m, n), float("nan"), dtype=dtype, device="cuda"), ring=3)
-        assert_close_rel(cl, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -133,45 +130,16 @@ def test_gemv_is_deterministic_and_reusable(m, dtype):
     assert chunk < w.qweight.shape[1], "this shape should split column blocks over several warps"
     x = torch.randn(m, 4160, device="cuda", dtype=dtype)
     first = int4.gemv(x, w, torch.empty(m, 1096, dtype=dtype, device="cuda")).clone()
-    chosen = int4.gemv_ring(w, int4.mt_of(m))
-    assert chosen in int4.GEMV_RINGS
-    firsts = {ring: int4.gemv(x, w, torch.empty(m, 1096, dtype=dtype, device="cuda"), ring).clone()
-              for ring in int4.GEMV_RINGS}
-    assert torch.equal(firsts[chosen], first)
-    assert torch.equal(firsts[1], firsts[2])  # the two stream-K rings add in the same order
+    assert int4.gemv_ring(w, int4.mt_of(m)) in int4.GEMV_RINGS
     for ring in (None, *int4.GEMV_RINGS, None):
         again = int4.gemv(x, w, torch.full((m, 1096), float("nan"), dtype=dtype, device="cuda"), ring)
-        assert torch.equal(again, firsts[chosen if ring is None else ring]), ring
+        assert torch.equal(again, first), ring
     # the scratch buffer grows (a larger layer, say): the launch plans pointing into the old one are rebuilt
     old = int4._get_scratch(x.device, 0).buf.data_ptr()
     int4._get_scratch(x.device, int4._get_scratch(x.device, 0).buf.numel() + 2**20)
     assert int4._get_scratch(x.device, 0).buf.data_ptr() != old
     again = int4.gemv(x, w, torch.full((m, 1096), float("nan"), dtype=dtype, device="cuda"))
     assert torch.equal(again, first)
-
-
-@pytest.mark.parametrize("m", [1, 13])
-def test_gemv_clusters_replay_in_a_cuda_graph(m):
-    """Ring 3 (compile-time cluster dims; act-order: x staged first) captured in a graph replays what it
-    computes eagerly, on fresh x copied into the captured input."""
-    from scorer.kernels import int4
-
-    lin, case = layer_on_gpu(14336, 1096, 128, v1=False, sym=False, act=True, dtype=torch.bfloat16, bias=True)
-    w = lin._weight()
-    x = torch.randn(m, 14336, device="cuda", dtype=torch.bfloat16)
-    out = torch.full((m, 1096), float("nan"), dtype=torch.bfloat16, device="cuda")
-    int4.gemv(x, w, out, ring=3)  # plan and module load outside the capture
-    assert int4.cl_split(*w.qweight.shape[:2], int4.mt_of(m), 132)[0] > 1, "the cluster split is under test"
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        int4.gemv(x, w, out, ring=3)
-    for _ in range(2):
-        x.copy_(torch.randn_like(x))
-        out.fill_(float("nan"))
-        g.replay()
-        eager = int4.gemv(x, w, torch.empty_like(out), ring=3)
-        assert torch.equal(out, eager)
-        assert_close_rel(out, reference_y(x, case, torch.bfloat16, lin.bias), torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -287,7 +255,7 @@ def test_wrappers_reject_bad_input():
         int4.gemv(torch.randn(17, 96, device="cuda", dtype=torch.float16), w,
                   torch.empty(17, 40, device="cuda", dtype=torch.float16))
     with pytest.raises(ValueError, match="ring must be one of"):
-        int4.gemv(x, w, torch.empty(3, 40, device="cuda", dtype=torch.float16), ring=4)
+        int4.gemv(x, w, torch.empty(3, 40, device="cuda", dtype=torch.float16), ring=3)
     with pytest.raises(ValueError, match="x must have 1 to 64 rows"):
         int4.gemm_small(torch.randn(65, 96, device="cuda", dtype=torch.float16), w,
                         torch.empty(65, 40, device="cuda", dtype=torch.float16))

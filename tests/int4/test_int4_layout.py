@@ -401,24 +401,3 @@ def test_launch_packs_kernel_params_once_and_rewrites_only_its_slots():
         int4._cupy_driver = saved
     assert seen == [((0xF00D, 9, 2, 1, 128, 1, 1, 0, 77), 0, [2**47 + 16, 2**40 + 3, -7, 2**45 + 32, 2**31 - 1]),
                     ((0xF00D, 9, 2, 1, 128, 1, 1, 0, 78), 0, [2**47 + 16, 2**40 + 3, -7, 2**45 + 64, 2**31 - 1])]
-
-
-@pytest.mark.parametrize("nbk,kt,mt", [(64, 256, 1), (64, 896, 2), (448, 256, 1), (896, 512, 2), (1, 1, 1),
-                                       (3, 7, 2), (18, 261, 1)])
-def test_cl_split_covers_every_row_block_once_in_one_wave(nbk, kt, mt):
-    """int4_gemv_cl's cut: the KS slices and each slice's warp runs take every row block once; a split
-    (KS > 1) only where its blocks fit one wave."""
-    sms = 132
-    ks, per = int4.cl_split(nbk, kt, mt, sms)
-    assert ks in int4.CL_SPLITS and (ks - 1) * per < kt <= ks * per
-    assert ks == 1 or nbk * ks <= sms * int4.cl_blocks_per_sm(mt)
-    seen = np.zeros(kt, dtype=int)
-    for rank in range(ks):  # the kernel's arithmetic
-        kb0 = min(kt, rank * per)
-        kb1 = min(kt, kb0 + per)
-        per_w = -(-(kb1 - kb0) // int4.CL_WARPS)
-        for warp in range(int4.CL_WARPS):
-            beg = min(kb1, kb0 + warp * per_w)
-            seen[beg:min(kb1, beg + per_w)] += 1
-    assert (seen == 1).all()
-    assert int4.cl_smem(mt) <= 48 * 1024  # no opt-in needed at the default warps and stages
