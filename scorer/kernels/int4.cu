@@ -596,20 +596,34 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 mask, u32 magic) {
   return d;
 }
 
-// Sum of pieces 0..pieces-1 of one float pair, in piece order, with 8 loads in flight at a time.
-__device__ __forceinline__ float2 sum_pieces(const float* p0, int pieces, int stride) {
-  float a = 0.f, b = 0.f;
+// Sum of pieces 0..pieces-1 of V (2 or 4) floats, in piece order, 8 loads in flight at a time.
+template <int V> __device__ __forceinline__ float4 sum_pieces(const float* p0, int pieces, int stride) {
+  float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int p = 0; p < pieces; p += 8) {
-    float2 v[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = p + i < pieces ? ld_cg_f2(p0 + (size_t)(p + i) * stride) : make_float2(0.f, 0.f);
+    float4 v[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      a += v[i].x;
-      b += v[i].y;
+      v[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (p + i < pieces) {
+        const float* q = p0 + (size_t)(p + i) * stride;
+        if constexpr (V == 4) {
+          v[i] = ld_cg_f4(q);
+        } else {
+          const float2 h = ld_cg_f2(q);
+          v[i].x = h.x;
+          v[i].y = h.y;
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      s.x += v[i].x;
+      s.y += v[i].y;
+      s.z += v[i].z;
+      s.w += v[i].w;
     }
   }
-  return make_float2(a, b);
+  return s;
 }
 
 template <int DT> __device__ __forceinline__ void store_pair(u16* y, const u16* bias, int n, float2 v) {
@@ -621,19 +635,29 @@ template <int DT> __device__ __forceinline__ void store_pair(u16* y, const u16* 
   st_u32(y, pack2<DT>(v.x, v.y));
 }
 
-// The fix-up: one thread per (column block, row, column pair), all in parallel.
+// The fix-up: one thread per (column block, row pair p, column pair) of gemv's pieces, all in parallel: the
+// 4 floats at r = 32 p + 8 j + g of each piece (see gemv's flush), rows 2p and 2p + 1 (2 floats where 2p + 1
+// is past M) of columns 8g + 2j and 8g + 2j + 1.
 template <int DT, int MT>
 __global__ void __launch_bounds__(256) int4_gemv_fix(const float* __restrict__ ws, const u16* __restrict__ bias,
                                                      u16* __restrict__ y, int M, int N, int Np, int KT, int chunk,
                                                      int pmax) {
   constexpr int PIECE = GemvCfg<MT>::PIECE;
-  const int idx = blockIdx.x * 256 + threadIdx.x;
-  const int per_nb = M * 32, nb = idx / per_nb;
+  const int per_nb = (M + 1) / 2 * 32;
+  const int idx = blockIdx.x * 256 + threadIdx.x, nb = idx / per_nb, r = idx - nb * per_nb;
   if (nb >= (Np >> 6)) return;
-  const int r = idx - nb * per_nb, m = r >> 5, e = m * 64 + 2 * (r & 31), n = nb * 64 + 2 * (r & 31);
+  const int m = 2 * (r >> 5), n = nb * 64 + 8 * (r & 7) + 2 * ((r >> 3) & 3);
   if (n >= N) return;
   const int w_lo = (nb * KT) / chunk, pieces = ((nb + 1) * KT - 1) / chunk - w_lo + 1;
-  store_pair<DT>(y + (size_t)m * N + n, bias, n, sum_pieces(ws + (size_t)nb * pmax * PIECE + e, pieces, PIECE));
+  const float* p0 = ws + (size_t)nb * pmax * PIECE + 4 * r;
+  if (m + 1 < M) {
+    const float4 s = sum_pieces<4>(p0, pieces, PIECE);
+    store_pair<DT>(y + (size_t)m * N + n, bias, n, make_float2(s.x, s.y));
+    store_pair<DT>(y + (size_t)(m + 1) * N + n, bias, n, make_float2(s.z, s.w));
+  } else {
+    const float4 s = sum_pieces<2>(p0, pieces, PIECE);
+    store_pair<DT>(y + (size_t)m * N + n, bias, n, make_float2(s.x, s.y));
+  }
 }
 
 __device__ __forceinline__ void prefetch_l2(const void* p) {
@@ -730,18 +754,25 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
 
   float acc[4][MT][4];
   zero_acc<MT>(acc);
-  // C fragment: acc[j][mt] = {y[m][n], y[m+1][n], y[m][n+1], y[m+1][n+1]}, m = 8mt + 2t, n = 8g + 2j
+  // C fragment: acc[j][mt] = {y[m][n], y[m+1][n], y[m][n+1], y[m+1][n+1]}, m = 8mt + 2t, n = 8g + 2j.
+  // A piece is [row pair p = m / 2][j][g] x {y[m][n], y[m][n+1], y[m+1][n], y[m+1][n+1]}: a lane stores 16
+  // bytes (8 where m + 1 is past M; nothing where m is), and the 8 lanes of one t fill 128 contiguous bytes.
+  // (Stored as rows of y, each lane's 8-byte pairs of 4 rows a store, the m = 16 pieces took ~40% of a
+  // small layer's stream.)
   auto flush = [&]() {  // this warp's piece of column block nb is complete
     const int w_lo = (nb * KT) / chunk;  // the first warp with a piece of column block nb
-    float* mine = ws + ((size_t)nb * pmax + (gw - w_lo)) * PIECE;
+    float* mine = ws + ((size_t)nb * pmax + (gw - w_lo)) * PIECE + 4 * g;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      const int m = mt * 8 + 2 * t;
+      const int p = mt * 4 + t;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int n = 8 * g + 2 * j;
-        if (m < M) st_f2(mine + m * 64 + n, acc[j][mt][0], acc[j][mt][2]);
-        if (m + 1 < M) st_f2(mine + (m + 1) * 64 + n, acc[j][mt][1], acc[j][mt][3]);
+        float* dst = mine + (p * 4 + j) * 32;
+        if (2 * p + 1 < M) {
+          st_f4(dst, make_float4(acc[j][mt][0], acc[j][mt][2], acc[j][mt][1], acc[j][mt][3]));
+        } else if (2 * p < M) {
+          st_f2(dst, acc[j][mt][0], acc[j][mt][2]);
+        }
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[j][mt][r] = 0.f;
       }

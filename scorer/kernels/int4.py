@@ -619,7 +619,8 @@ def _gemv_plan(w: Int4Weight, m: int, ring: int) -> _GemvPlan:
                    32 * GEMV_WARPS, [x, _ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(w.bias), _Slot("y"),
                                      ws, i32(m), i32(kp), i32(w.n), i32(np_), i32(kt), i32(w.n_groups),
                                      i32(w.group16), i32(chunk), i32(pmax)])
-    fix = _Launch(_kernel(dev.index, f"int4_gemv_fix<{_DT[w.dtype]}, {mt_of(m)}>"), (-(-(nbk * m * 32) // 256),), 256,
+    fix_threads = nbk * ((m + 1) // 2) * 32  # per column block: 32 column pairs of each row pair
+    fix = _Launch(_kernel(dev.index, f"int4_gemv_fix<{_DT[w.dtype]}, {mt_of(m)}>"), (-(-fix_threads // 256),), 256,
                   [ws, _ptr(w.bias), _Slot("y"), i32(m), i32(w.n), i32(np_), i32(kt), i32(chunk), i32(pmax)])
     return _GemvPlan(base, st, main, fix, threading.Lock())
 
