@@ -80,7 +80,7 @@ def launcher(mod, variant, w: int4.Int4Weight, x: torch.Tensor, out: torch.Tenso
         with int4._stream(x.device):
             fn((-(-warps // warps_per_block),), (32 * warps_per_block,), args)
             if not main_only:
-                fix((-(-(nbk * ((m + 1) // 2) * 32) // 256),), (256,), fargs)  # a thread per row pair and column pair
+                fix((-(-(nbk * ((m + 1) // 2) * 32) // 256),), (256,), fargs)  # a thread a row pair, column pair
 
     return run, pmax
 

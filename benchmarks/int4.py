@@ -236,8 +236,8 @@ def markdown(rows: list[dict], infos: list[dict], model: dict | None, device: st
     lines = [f"### 4-bit GPTQ path on {device} (torch {torch.__version__})", "",
              "g128 act-order; speedup = fp16 cuBLAS / 4-bit. fused = what the fused path runs (gemv for m <= 16), "
              "tiles = the split-K kernel at the same m; at m >= 1024: cuBLAS NN alone (the act-order path's GEMM) "
-             "and the static-group layer (dequant W^T + cuBLAS TN); at m <= 16 static is the same layer without act-order "
-             "(no gather launch).", "",
+             "and the static-group layer (dequant W^T + cuBLAS TN); at m <= 16 static is the same layer without "
+             "act-order (no gather launch).", "",
              "| K x N | m | fp16 cuBLAS us | 4-bit us | speedup | path | fused us | fused TB/s | tiles us "
              "| gemv ring 1 us | gemv ring 2 us | dequant+mm us | cuBLAS NN us | static 4-bit us | static speedup |",
              "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
