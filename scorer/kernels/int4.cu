@@ -1113,18 +1113,22 @@ __global__ void __launch_bounds__(MidCfg::NT, MID_MINB)
   u32 ss[8], zz[8];
   uint4 nsv = make_uint4(0u, 0u, 0u, 0u);
   u32 nzv = 0u;
-  if (active) {
-    const uint4 sv = ld_v4(scales + (size_t)cur * Np + ncol);
-    const u32 zv = ld_u32(qzeros + (size_t)cur * (Np >> 3) + (ncol >> 3));
+  auto take_group = [&](const uint4& sv, u32 zv) {  // raw scales and zeros -> the dequant's pairs
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
       ss[c] = scale2(sv, c);
       zz[c] = zero2<DT>(zv, c);
     }
+  };
+  auto fetch_next = [&]() {  // the group after cur, if any
     if (cur + 1 < G) {
       nsv = ld_v4(scales + (size_t)(cur + 1) * Np + ncol);
       nzv = ld_u32(qzeros + (size_t)(cur + 1) * (Np >> 3) + (ncol >> 3));
     }
+  };
+  if (active) {
+    take_group(ld_v4(scales + (size_t)cur * Np + ncol), ld_u32(qzeros + (size_t)cur * (Np >> 3) + (ncol >> 3)));
+    fetch_next();
   } else {
 #pragma unroll
     for (int c = 0; c < 8; ++c) ss[c] = zz[c] = 0u;
@@ -1153,15 +1157,8 @@ __global__ void __launch_bounds__(MidCfg::NT, MID_MINB)
           if (kt >= bound) {  // warp-uniform: the next group (row blocks go up by one, groups by at most one)
             ++cur;
             bound = cur + 1 < G ? bound + gs16 : 0x7fffffff;
-#pragma unroll
-            for (int c = 0; c < 8; ++c) {
-              ss[c] = scale2(nsv, c);
-              zz[c] = zero2<DT>(nzv, c);
-            }
-            if (cur + 1 < G) {
-              nsv = ld_v4(scales + (size_t)(cur + 1) * Np + ncol);
-              nzv = ld_u32(qzeros + (size_t)(cur + 1) * (Np >> 3) + (ncol >> 3));
-            }
+            take_group(nsv, nzv);
+            fetch_next();
           }
           const uint4 wv = *reinterpret_cast<const uint4*>(sc + kk * 512);
           u32 xb[MT][2];
