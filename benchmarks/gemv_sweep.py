@@ -26,21 +26,54 @@ import torch  # noqa: E402
 
 from scorer.kernels import int4  # noqa: E402
 
-VARIANTS = {  # name: (build options, min_chunk); B1/B2 (blocks per SM) also size the wave
-    "reg": (dict(RING=0, D1=4, D2=4, B1=5, B2=4, PF=16), 16),
-    "smem12": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=1), 16),
-    "burst2x6": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=2), 16),
-    "burst4x3": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=4), 16),
-    "burst6x2": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=6), 16),
-    "burst4x3c32": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=4), 32),
+# Before the eleventh session the scale was applied to each dequantized weight (FOLD=0) and ring 2 loaded x
+# a stage ahead (XAHEAD=1), with one S3 x T3 for both row-tile counts: the older variants pin that build.
+_OLD = dict(FOLD=0, XAHEAD=1)
+
+
+def _tma(s3: int, t3: int, **kw) -> dict:  # ring 2 with the same ring at m <= 8 and m <= 16
+    return dict(RING=2, S3=s3, T3=t3, S3_16=s3, T3_16=t3, **kw)
+
+
+VARIANTS = {  # name: (build options, min_chunk); B1/B2 (blocks per SM, default int4.GEMV_BLOCKS) size the wave
+    # the current build, each ring
+    "r1": (dict(RING=1), 16),
+    "r2": (dict(RING=2), 16),
+    # the build before the eleventh session (ring 1 as smem12, ring 2 as tma4x4h)
+    "reg": (dict(RING=0, D1=4, D2=4, B1=5, B2=4, PF=16, **_OLD), 16),
+    "smem12": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=1, **_OLD), 16),
+    "burst2x6": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=2, **_OLD), 16),
+    "burst4x3": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=4, **_OLD), 16),
+    "burst6x2": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=6, **_OLD), 16),
+    "burst4x3c32": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=4, **_OLD), 32),
     # bulk copy engine (sm_90): S3 stages of T3 tiles a warp, one cp.async.bulk a stage
-    "tma4x4": (dict(RING=2, S3=4, T3=4, B1=6, B2=4, HINT=0), 16),
-    "tma4x4h": (dict(RING=2, S3=4, T3=4, B1=6, B2=4, HINT=1), 16),
-    "tma8x2": (dict(RING=2, S3=8, T3=2, B1=6, B2=4, HINT=0), 16),
-    "tma3x6": (dict(RING=2, S3=3, T3=6, B1=6, B2=4, HINT=0), 16),
-    "tma2x8": (dict(RING=2, S3=2, T3=8, B1=6, B2=4, HINT=0), 16),
-    "tma4x4b4": (dict(RING=2, S3=4, T3=4, B1=4, B2=4, HINT=0), 16),
-    "tma5x4b5": (dict(RING=2, S3=5, T3=4, B1=5, B2=4, HINT=0), 16),
+    "tma4x4": (_tma(4, 4, B1=6, B2=4, HINT=0, **_OLD), 16),
+    "tma4x4h": (_tma(4, 4, B1=6, B2=4, HINT=1, **_OLD), 16),
+    "tma8x2": (_tma(8, 2, B1=6, B2=4, HINT=0, **_OLD), 16),
+    "tma3x6": (_tma(3, 6, B1=6, B2=4, HINT=0, **_OLD), 16),
+    "tma2x8": (_tma(2, 8, B1=6, B2=4, HINT=0, **_OLD), 16),
+    "tma4x4b4": (_tma(4, 4, B1=4, B2=4, HINT=0, **_OLD), 16),
+    "tma5x4b5": (_tma(5, 4, B1=5, B2=4, HINT=0, **_OLD), 16),
+    # eleventh session: x fragments loaded before each stage's wait (XAHEAD=0: fewer registers)
+    "tma4x4x0": (_tma(4, 4, B1=6, B2=4, FOLD=0, XAHEAD=0), 16),
+    "tma4x4b5x0": (_tma(4, 4, B1=5, B2=3, FOLD=0, XAHEAD=0), 16),
+    "smem12b5": (dict(RING=1, S1=12, S2=12, B1=5, B2=3, FOLD=0), 16),
+    # the scale applied to each group's fp32 sums (FOLD=1)
+    "fold12": (dict(RING=1, B1=6, B2=4), 16),
+    "fold12b5": (dict(RING=1, B1=5, B2=3), 16),
+    "fold12b4": (dict(RING=1, B1=4, B2=3), 16),
+    "fold16b4": (dict(RING=1, S1=16, B1=4, B2=3), 16),
+    "foldtma": (_tma(4, 4, B1=5, B2=3), 16),
+    "foldtmab6": (_tma(4, 4, B1=6, B2=4), 16),
+    "foldtmab4": (_tma(4, 4, B1=4, B2=3, XAHEAD=1), 16),
+    "foldtmab4x0": (_tma(4, 4, B1=4, B2=2), 16),
+    "foldtma5x4": (_tma(5, 4, B1=5, B2=3), 16),
+    "foldtma8x2": (_tma(8, 2, B1=5, B2=3), 16),
+    "foldtma2x8": (_tma(2, 8, B1=5, B2=3), 16),
+    "foldtma2x10": (_tma(2, 10, B1=5, B2=3), 16),
+    "foldtma3x6": (_tma(3, 6, B1=5, B2=3), 16),
+    "foldtma2x8b4": (_tma(2, 8, B1=4, B2=3), 16),
+    "foldtma2x8b4xa": (_tma(2, 8, B1=4, B2=3, XAHEAD=1), 16),
 }
 SHAPES = [(8192, 57344), (28672, 8192), (4096, 28672), (14336, 4096), (4096, 4096), (4096, 6144)]
 
@@ -54,10 +87,11 @@ def build(opts_: dict):
 
 
 def launcher(mod, variant, w: int4.Int4Weight, x: torch.Tensor, out: torch.Tensor, ws: torch.Tensor,
-             main_only: bool, waves: int = 1, min_chunk: int | None = None):
+             main_only: bool, waves: int = 1, min_chunk: int | None = None, fix_threads: int = 256):
     opts, min_chunk0 = variant
     min_chunk = min_chunk0 if min_chunk is None else min_chunk
-    warps_per_block, b1, b2 = int4.GEMV_WARPS, opts["B1"], opts["B2"]
+    warps_per_block = int4.GEMV_WARPS
+    b1, b2 = opts.get("B1", int4.GEMV_BLOCKS[1]), opts.get("B2", int4.GEMV_BLOCKS[2])
     m = x.shape[0]
     kp, np_ = int4.padded(w.k, w.n)
     nbk, kt = w.qweight.shape[:2]
@@ -80,7 +114,7 @@ def launcher(mod, variant, w: int4.Int4Weight, x: torch.Tensor, out: torch.Tenso
         with int4._stream(x.device):
             fn((-(-warps // warps_per_block),), (32 * warps_per_block,), args)
             if not main_only:
-                fix((-(-(nbk * ((m + 1) // 2) * 32) // 256),), (256,), fargs)  # a thread a row pair, column pair
+                fix((-(-(nbk * ((m + 1) // 2) * 32) // fix_threads),), (fix_threads,), fargs)  # a thread a row pair, column pair
 
     return run, pmax
 
@@ -91,8 +125,14 @@ def main() -> int:
     ap.add_argument("--waves", default="1", help="comma-separated wave counts")
     ap.add_argument("--min-chunks", default="", help="comma-separated min_chunk overrides (default: the variant's)")
     ap.add_argument("--ncu", action="store_true")
+    ap.add_argument("--ms", default="1,16", help="comma-separated m")
+    ap.add_argument("--fix-threads", default="256", help="comma-separated fix-up block sizes (at most 256)")
+    ap.add_argument("--shapes", default="", help="comma-separated KxN (default: the Llama-3 8B and 70B layers)")
     args = ap.parse_args()
     waves_l = [int(v) for v in args.waves.split(",")]
+    ms = [int(v) for v in args.ms.split(",")]
+    fixes = [int(v) for v in args.fix_threads.split(",")]
+    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     chunks_l = [int(v) for v in args.min_chunks.split(",")] if args.min_chunks else [None]
     from int4 import gpu_time, quant_layer, rotated  # benchmarks/int4.py
 
@@ -100,24 +140,25 @@ def main() -> int:
     mods = {n: build(VARIANTS[n][0]) for n in names}
     ws = torch.zeros(64 * 2**20, dtype=torch.float32, device="cuda")
     print(f"# {torch.cuda.get_device_name()}: int4_gemv sweep, fp16, g128 act-order (x pre-gathered)\n")
-    print("| K x N | m | variant | waves | min chunk | main us | main TB/s | main + fix us | TB/s | x ref rel err "
-          "| bits = first |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    for k, n in SHAPES:
+    print("| K x N | m | variant | waves | min chunk | fix threads | main us | main TB/s | main + fix us | TB/s "
+          "| x ref rel err | bits = first |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for k, n in shapes:
         lin = quant_layer(k, n)
         w0 = lin._weight()
         wsl = rotated(w0)
         dense = lin.dequantized_weight().float()
         qbytes = int4.bandwidth_bytes(w0) - k * n * 2
-        for m in (1, 16):
+        for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             xs = x[:, w0.perm.long()].contiguous()  # what gemv gathers first under act-order
             ref = x.float() @ dense.t()
             out = torch.empty(m, n, device="cuda", dtype=torch.float16)
-            first = None  # the first variant's output: the others must match it bit for bit
-            for name, waves, mc in ((nm, f, c) for nm in names for f in waves_l for c in chunks_l):
+            first = {}  # the first output of each arithmetic and chunking: the others must match it bit for bit
+            for name, waves, mc, ft in ((nm, f, c, t) for nm in names for f in waves_l for c in chunks_l
+                                        for t in fixes):
                 v = VARIANTS[name]
-                runs = [launcher(mods[name], v, wi, xs, out, ws, False, waves, mc)[0] for wi in wsl]
+                runs = [launcher(mods[name], v, wi, xs, out, ws, False, waves, mc, ft)[0] for wi in wsl]
                 if args.ncu:
                     runs[0]()
                     torch.cuda.synchronize()
@@ -126,11 +167,13 @@ def main() -> int:
                 out.fill_(float("nan"))
                 runs[0]()
                 err = ((out.float() - ref).norm() / ref.norm()).item()
-                first = out.clone() if first is None else first
-                same = "yes" if torch.equal(out, first) else "NO"
+                o = v[0]  # same arithmetic and the same chunks: the same bits
+                key = (o.get("FOLD", 1), o.get("B1", int4.GEMV_BLOCKS[1]), o.get("B2", int4.GEMV_BLOCKS[2]), waves, mc)
+                ref_bits = first.setdefault(key, out.clone())
+                same = "yes" if torch.equal(out, ref_bits) else "NO"
                 t_main = gpu_time(mains)
                 t_all = gpu_time(runs)
-                print(f"| {k}x{n} | {m} | {name} | {waves} | {v[1] if mc is None else mc} | {t_main * 1e6:.1f} | "
+                print(f"| {k}x{n} | {m} | {name} | {waves} | {v[1] if mc is None else mc} | {ft} | {t_main * 1e6:.1f} | "
                       f"{qbytes / t_main / 1e12:.2f} | {t_all * 1e6:.1f} | {qbytes / t_all / 1e12:.2f} | {err:.1e} | "
                       f"{same} |", flush=True)
         del lin, wsl, dense

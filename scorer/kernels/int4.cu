@@ -521,9 +521,10 @@ __global__ void int4_stage_x(const u16* __restrict__ x, const int* __restrict__ 
 // chunks of `chunk` tiles, one per warp of a single wave, so every warp streams the same bytes and no
 // SM idles in a tail. A warp keeps S tiles of codes (16 B per lane) and their x fragments (8 B per lane
 // and row tile) in flight in a shared-memory ring (or D of them in registers, GEMV_RING 0) and loads the
-// next group's scales and zeros while the current group runs. Per tile: one 16-byte copy, the bit-exact dequant of int4_dequant (fp16: the nibbles at
-// bits 4..7 stay in place as 1024 + 16q and one fma by 1/16 takes off the zero, so one shift per word;
-// bf16: one shift per nibble pair), MT x 4 mma.m16n8k16 with fp32 accumulation.
+// next group's scales and zeros while the current group runs. Per tile: one 16-byte copy, q - z of each
+// code (fp16: the nibbles at bits 4..7 stay in place as 1024 + 16q and one fma by 1/16 takes off the zero,
+// so one shift per word; bf16: one shift per nibble pair), MT x 4 mma.m16n8k16 with fp32 accumulation,
+// and the scales applied to the fp32 sums at each group's end (GEMV_FOLD, below).
 // Each column block a warp finishes (or leaves, at its chunk's end) is a "piece": its fp32 partial goes
 // to ws[nb][piece]; int4_gemv_fix, a second launch with one thread per output pair, sums them in piece
 // order (deterministic), adds the bias and writes y. (Summing inline, by the last piece of a column block
@@ -533,8 +534,8 @@ __global__ void int4_stage_x(const u16* __restrict__ x, const int* __restrict__ 
 #endif
 // Defaults from benchmarks/gemv_sweep.py on an H200 (benchmarks/RESULTS.md). The warps are latency-bound
 // (ncu on the register ring: ~60% of cycles on long scoreboard at 25% occupancy), so the tiles in flight
-// live in a 12-stage shared-memory ring per warp, filled by cp.async, which frees the registers for 6
-// blocks a SM at m <= 8. More blocks (8), fewer stages or an extra L2 prefetch stream measured slower.
+// live in a 12-stage shared-memory ring per warp, filled by cp.async (or a bulk-copy ring, below). With
+// the scales folded, 4 blocks a SM at m <= 8 and 3 at m <= 16 stream faster than 5 or 6 and 4.
 #ifndef GEMV_RING
 #define GEMV_RING 1  // the default ring R of int4_gemv<DT, MT, R>: 0 registers, 1 cp.async, 2 bulk copies
 #endif
@@ -551,10 +552,10 @@ __global__ void int4_stage_x(const u16* __restrict__ x, const int* __restrict__ 
 #define GEMV_S2 12  // m <= 16 (4 x 12 x 1024 B = 48 KB, the static limit)
 #endif
 #ifndef GEMV_B1
-#define GEMV_B1 6  // blocks per SM the launch bounds ask registers for, m <= 8
+#define GEMV_B1 4  // blocks per SM the launch bounds ask registers for, m <= 8 (eleventh session: 4 of 4..6)
 #endif
 #ifndef GEMV_B2
-#define GEMV_B2 4  // m <= 16
+#define GEMV_B2 3  // m <= 16 (3 of 2..4)
 #endif
 #ifndef GEMV_T
 #define GEMV_T 1  // shared-memory ring: tiles a cp.async group (a burst of T * 512 contiguous bytes)
@@ -564,14 +565,33 @@ __global__ void int4_stage_x(const u16* __restrict__ x, const int* __restrict__ 
 #endif
 // Ring 2 (sm_90+: the bulk copy engine): each warp's chunk of tiles is contiguous in memory, so lane 0
 // copies it T3 tiles (T3 * 512 bytes) at a time into an S3-stage ring with one cp.async.bulk per stage,
-// completing on that stage's mbarrier; x fragments come from L1/L2 one stage ahead in registers. On the
-// H200 it streams large layers 10-17% faster than ring 1 and small ones 3-9% slower (gemv_sweep.py), so
-// the host times both on each layer shape once and keeps the faster (scorer.kernels.int4.gemv_ring).
+// completing on that stage's mbarrier; x fragments come from L1/L2 in registers, loaded before the stage's
+// wait. On the H200 it streams large layers 10-25% faster than ring 1 and small ones about as fast
+// (gemv_sweep.py), so the host times both on each layer shape once and keeps the faster
+// (scorer.kernels.int4.gemv_ring).
 #ifndef GEMV_S3
-#define GEMV_S3 4  // bulk-copy ring: stages per warp
+#define GEMV_S3 2  // bulk-copy ring: stages per warp, m <= 8 (4 warps x 2 x 8 x 512 B = 32 KB a block)
 #endif
 #ifndef GEMV_T3
-#define GEMV_T3 4  // bulk-copy ring: tiles a stage (4 warps x 4 x 4 x 512 B = 32 KB a block)
+#define GEMV_T3 8  // bulk-copy ring: tiles a stage, m <= 8 (of 2x8, 2x10, 3x6, 4x4, 8x2: 2x8 fastest)
+#endif
+#ifndef GEMV_S3_16
+#define GEMV_S3_16 3  // the same, m <= 16 (4 x 3 x 6 x 512 B = 36 KB a block)
+#endif
+#ifndef GEMV_T3_16
+#define GEMV_T3_16 6
+#endif
+// GEMV_FOLD 1: the dequant leaves the scale out (A = q - z, exact in fp16 and bf16), and the mma's fp32
+// sums of one group are scaled once, at the group's end, per output column: 4 fewer instructions per code
+// word (a quarter of a tile's), so the warps' issue slots stop hiding the stream. On the H200 this was
+// 8192x57344 at m = 1 88 -> 72 us with the ring retuned (RESULTS.md, eleventh session). 0: s * (q - z)
+// rounded once to fp16/bf16 before the mma, as int4_dequant; both are within the tests' tolerance of the
+// reference, neither is bit-identical to dequant + cuBLAS (whose sums run in another order).
+#ifndef GEMV_FOLD
+#define GEMV_FOLD 1
+#endif
+#ifndef GEMV_XAHEAD
+#define GEMV_XAHEAD 0  // bulk-copy ring: 1 loads the next stage's x fragments a stage ahead (more registers)
 #endif
 #ifndef GEMV_HINT
 #define GEMV_HINT 1  // 1: the bulk copies carry an L2 evict-first hint (codes are read once): 1-4% faster
@@ -585,6 +605,7 @@ template <int MT> struct GemvCfg {
   static constexpr int D = MT == 1 ? GEMV_D1 : GEMV_D2;
   static constexpr int B = MT == 1 ? GEMV_B1 : GEMV_B2;
   static constexpr int S = MT == 1 ? GEMV_S1 : GEMV_S2;
+  static constexpr int S3 = MT == 1 ? GEMV_S3 : GEMV_S3_16, T3 = MT == 1 ? GEMV_T3 : GEMV_T3_16;
   static constexpr int PIECE = MT * 8 * 64;  // floats of one partial: [8 MT rows][64 columns]
 };
 static constexpr u32 ONE16 = 0x2C002C00u;  // fp16 1/16 in each half
@@ -644,13 +665,14 @@ __global__ void __launch_bounds__(256) int4_gemv_fix(const float* __restrict__ w
                                                      int pmax) {
   constexpr int PIECE = GemvCfg<MT>::PIECE;
   const int per_nb = (M + 1) / 2 * 32;
-  const int idx = blockIdx.x * 256 + threadIdx.x, nb = idx / per_nb, r = idx - nb * per_nb;
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x, nb = idx / per_nb, r = idx - nb * per_nb;
   if (nb >= (Np >> 6)) return;
   const int m = 2 * (r >> 5), n = nb * 64 + 8 * (r & 7) + 2 * ((r >> 3) & 3);
   if (n >= N) return;
   const int w_lo = (nb * KT) / chunk, pieces = ((nb + 1) * KT - 1) / chunk - w_lo + 1;
-  const float* p0 = ws + (size_t)nb * pmax * PIECE + 4 * r;
-  if (m + 1 < M) {
+  const bool pair = m + 1 < M;
+  const float* p0 = ws + (size_t)nb * pmax * PIECE + (pair ? 4 * r : 128 * (r >> 5) + 2 * (r & 31));
+  if (pair) {
     const float4 s = sum_pieces<4>(p0, pieces, PIECE);
     store_pair<DT>(y + (size_t)m * N + n, bias, n, make_float2(s.x, s.y));
     store_pair<DT>(y + (size_t)(m + 1) * N + n, bias, n, make_float2(s.z, s.w));
@@ -726,6 +748,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
 
   // ---- group state: the current group's per-column pairs; the next group's raw words in flight
   u32 sc[8], zc[8];
+  float sf[8];  // GEMV_FOLD: the scales of the lane's 8 columns, applied to each group's sums
   uint4 sv_next = make_uint4(0u, 0u, 0u, 0u);
   u32 zv_next = 0u;
   auto load_group = [&](int nb2, int g2) {
@@ -737,7 +760,11 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
   auto take_group = [&]() {  // next -> current, in the form the dequant below wants
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
-      sc[c] = scale2(sv_next, c);
+      if constexpr (GEMV_FOLD) {
+        sf[c] = to_f32<DT>((u16)(word(sv_next, c >> 1) >> (16 * (c & 1))));
+      } else {
+        sc[c] = scale2(sv_next, c);
+      }
       const u32 z = (zv_next >> (4 * c)) & 0xFu;
       if (DT == 0 && (c & 1)) {
         zc[c] = 0xD400D400u | ((z << 4) * 0x00010001u);  // -(64 + z): for 1024 + 16q scaled by 1/16
@@ -752,8 +779,23 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
   int nkt = grp + 1 < G ? (grp + 1) * gs16 : KT;  // next event: a new group, or (== KT) the block's end
   if (grp + 1 < G) load_group(nb, grp + 1); else load_group(nb + 1, 0);
 
-  float acc[4][MT][4];
+  float acc[4][MT][4];  // GEMV_FOLD: the current group's sums of (q - z) x, else the column block's
   zero_acc<MT>(acc);
+  float tot[4][MT][4];  // GEMV_FOLD: the column block's, each group's sums times its scales
+  zero_acc<MT>(tot);
+  auto fold = [&]() {  // GEMV_FOLD, at a group's end: tot += s acc, acc = 0 (elements 0, 1: column 2j; 2, 3: 2j + 1)
+    if constexpr (GEMV_FOLD) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            tot[j][mt][r] = __fmaf_rn(sf[2 * j + (r >> 1)], acc[j][mt][r], tot[j][mt][r]);
+            acc[j][mt][r] = 0.f;
+          }
+    }
+  };
   // C fragment: acc[j][mt] = {y[m][n], y[m+1][n], y[m][n+1], y[m+1][n+1]}, m = 8mt + 2t, n = 8g + 2j.
   // A piece is [row pair p = m / 2][j][g] x {y[m][n], y[m][n+1], y[m+1][n], y[m+1][n+1]}: a lane stores 16
   // bytes (8 where m + 1 is past M; nothing where m is), and the 8 lanes of one t fill 128 contiguous bytes.
@@ -761,20 +803,20 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
   // small layer's stream.)
   auto flush = [&]() {  // this warp's piece of column block nb is complete
     const int w_lo = (nb * KT) / chunk;  // the first warp with a piece of column block nb
-    float* mine = ws + ((size_t)nb * pmax + (gw - w_lo)) * PIECE + 4 * g;
+    float* mine = ws + ((size_t)nb * pmax + (gw - w_lo)) * PIECE;
+    float(&res)[4][MT][4] = GEMV_FOLD ? tot : acc;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       const int p = mt * 4 + t;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        float* dst = mine + (p * 4 + j) * 32;
         if (2 * p + 1 < M) {
-          st_f4(dst, make_float4(acc[j][mt][0], acc[j][mt][2], acc[j][mt][1], acc[j][mt][3]));
+          st_f4(mine + 128 * p + 4 * (8 * j + g), make_float4(res[j][mt][0], res[j][mt][2], res[j][mt][1], res[j][mt][3]));
         } else if (2 * p < M) {
-          st_f2(dst, acc[j][mt][0], acc[j][mt][2]);
+          st_f2(mine + 128 * p + 2 * (8 * j + g), res[j][mt][0], res[j][mt][2]);
         }
 #pragma unroll
-        for (int r = 0; r < 4; ++r) acc[j][mt][r] = 0.f;
+        for (int r = 0; r < 4; ++r) res[j][mt][r] = 0.f;
       }
     }
   };
@@ -784,24 +826,28 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const u32 w = word(wv, j);
-      u32 a[4];
+      u32 a[4];  // q - z (exact), times s unless GEMV_FOLD
       if constexpr (DT == 0) {
         const u32 w8 = w >> 8, magic = Tr<0>::MAGIC;
-        a[0] = fma2<0>(fma2<0>(zc[2 * j], Tr<0>::NEG1, and_or(w, 0x000F000Fu, magic)), sc[2 * j], NEG0);
-        a[1] = fma2<0>(fma2<0>(and_or(w, 0x00F000F0u, magic), ONE16, zc[2 * j + 1]), sc[2 * j + 1], NEG0);
-        a[2] = fma2<0>(fma2<0>(zc[2 * j], Tr<0>::NEG1, and_or(w8, 0x000F000Fu, magic)), sc[2 * j], NEG0);
-        a[3] = fma2<0>(fma2<0>(and_or(w8, 0x00F000F0u, magic), ONE16, zc[2 * j + 1]), sc[2 * j + 1], NEG0);
+        a[0] = fma2<0>(zc[2 * j], Tr<0>::NEG1, and_or(w, 0x000F000Fu, magic));
+        a[1] = fma2<0>(and_or(w, 0x00F000F0u, magic), ONE16, zc[2 * j + 1]);
+        a[2] = fma2<0>(zc[2 * j], Tr<0>::NEG1, and_or(w8, 0x000F000Fu, magic));
+        a[3] = fma2<0>(and_or(w8, 0x00F000F0u, magic), ONE16, zc[2 * j + 1]);
       } else {
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
-          const u32 raw = and_or(w >> (4 * s), 0x000F000Fu, Tr<1>::MAGIC);
-          a[s] = fma2<1>(fma2<1>(zc[2 * j + (s & 1)], Tr<1>::NEG1, raw), sc[2 * j + (s & 1)], NEG0);
+          a[s] = fma2<1>(zc[2 * j + (s & 1)], Tr<1>::NEG1, and_or(w >> (4 * s), 0x000F000Fu, Tr<1>::MAGIC));
         }
+      }
+      if constexpr (!GEMV_FOLD) {
+#pragma unroll
+        for (int s = 0; s < 4; ++s) a[s] = fma2<DT>(a[s], sc[2 * j + (s & 1)], NEG0);
       }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) mma16816<DT>(acc[j][mt], a, xv[mt][0], xv[mt][1]);
     }
     if (++kt == nkt) {  // rare: a new group, or this column block's end
+      fold();
       if (kt == KT) {
         flush();
         ++nb;
@@ -860,7 +906,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
     }
   } else if constexpr (RING == 2) {
     // ---- ring of S3 stages of T3 tiles per warp, each filled by one bulk copy that lane 0 issues
-    constexpr int S = GEMV_S3, T = GEMV_T3, TS = T * 32;  // uint4 a stage
+    constexpr int S = GemvCfg<MT>::S3, T = GemvCfg<MT>::T3, TS = T * 32;  // uint4 a stage
     static_assert(S >= 2 && T >= 1 && S <= 32, "the bulk-copy ring holds 2 to 32 stages");
     __shared__ __align__(128) uint4 ring_all[GEMV_WARPS * S * TS];
     __shared__ __align__(8) unsigned long long bar_all[GEMV_WARPS * S];
@@ -892,16 +938,17 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
         xoff = xoff == xwrap ? 0 : xoff;
       }
     };
-    load_x();
+    if constexpr (GEMV_XAHEAD) load_x();
     u32 phase = 0u;  // bit st: the parity of slot st's next completion
     int st = 0;
     for (int i = beg; i < end; i += T) {
       uint2 xc[T][MT];
+      if constexpr (!GEMV_XAHEAD) load_x();
 #pragma unroll
       for (int u = 0; u < T; ++u)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) xc[u][mt] = xn[u][mt];
-      load_x();
+      if constexpr (GEMV_XAHEAD) load_x();
       mbar_wait(bar0 + 8 * st, (phase >> st) & 1u);
       phase ^= 1u << st;
       const uint4* sp = ring + st * TS + lane;
@@ -960,7 +1007,10 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
     }
     cp_async_wait<0>();
   }
-  if (kt != 0) flush();  // the chunk ended inside a column block
+  if (kt != 0) {  // the chunk ended inside a column block
+    fold();
+    flush();
+  }
 }
 
 

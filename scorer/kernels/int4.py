@@ -6,9 +6,10 @@ Kernels over one prepared weight layout (`repack`, described at the top of int4.
     one pass over 2.5 bytes per weight (read 0.5, write 2).
   * `gemv`: m <= 16, the memory-bound case: a stream-K fused GEMM that reads the packed weights once
     (a quarter of fp16's bytes) in equal chunks over one wave of warps, fp32 accumulation on the tensor
-    cores, deterministic fix-up of split column blocks. Two rings feed it (cp.async per lane, or on sm_90
-    the bulk copy engine, a stage per copy); which is faster depends on the layer's size, so it is timed
-    once per layer shape at first use (`gemv_ring`). Both give bit-identical results.
+    cores (the codes' q - z, each group's sums scaled once), deterministic fix-up of split column
+    blocks. Two rings feed it (cp.async per lane, or on sm_90 the bulk copy engine, a stage per copy);
+    which is faster depends on the layer's size, so it is timed once per layer shape at first use
+    (`gemv_ring`). Both give bit-identical results.
   * `gemm_tiles`: m <= 64, a split-K fused tensor-core GEMM with a cp.async pipeline (the m > 16 side).
   * `gemm_mid`: 16 < m <= MID_MAX_M, a block-tiled fused GEMM (128 x 128 output tiles, codes and x shared
     by the block's warps in a cp.async ring, the dequant in the mainloop, deterministic split-K). Correct,
@@ -43,7 +44,7 @@ SOURCE = Path(__file__).with_name("int4.cu")
 MAX_FUSED_M = 64  # the fused kernels' largest m (8 tiles of 8 rows)
 GEMV_MAX_M = 16  # gemv's largest m (2 tiles of 8 rows)
 GEMV_WARPS = 4  # warps per block of int4_gemv (GEMV_WARPS in int4.cu)
-GEMV_BLOCKS = {1: 6, 2: 4}  # blocks per SM by row tiles (GEMV_B1, GEMV_B2 in int4.cu: its launch bounds)
+GEMV_BLOCKS = {1: 4, 2: 3}  # blocks per SM by row tiles (GEMV_B1, GEMV_B2 in int4.cu: its launch bounds)
 GEMV_WAVE = GEMV_WARPS * GEMV_BLOCKS[2]  # warps per SM in gemv's one wave (the smaller of the two)
 GEMV_MIN_CHUNK = 16  # tiles per warp at least: fewer pieces to fix up on small layers
 GEMV_RINGS = (1, 2)  # int4_gemv<DT, MT, R>: 1 cp.async per lane, 2 bulk copies (sm_90+; ring 1 below)

@@ -406,9 +406,10 @@ def test_launch_packs_kernel_params_once_and_rewrites_only_its_slots():
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 15, 16])
 def test_gemv_pieces_round_trip_the_c_fragments(m):
     """gemv's flush and int4_gemv_fix replayed: each lane's C fragments stored at row pair p = 4 mt + t as
-    {y[2p][c], y[2p][c+1], y[2p+1][c], y[2p+1][c+1]} (2 floats where 2p + 1 is past M, none where 2p is),
-    read back by the fix-up thread of (p, column pair), land on the elements of y the mma.m16n8k16 C
-    layout gives them, every element of the m x 64 block exactly once, and nothing unstored is read."""
+    {y[2p][c], y[2p][c+1], y[2p+1][c], y[2p+1][c+1]} in 16-byte slots (2 floats in 8-byte slots where
+    2p + 1 is past M, none where 2p is), read back by the fix-up thread of (p, column pair), land on the
+    elements of y the mma.m16n8k16 C layout gives them, every element of the m x 64 block exactly once,
+    nothing unstored is read, and the stored floats are contiguous (m = 1: the first 64 of the piece)."""
     mt_n = int4.mt_of(m)
     y = rng().standard_normal((mt_n * 8, 64))
     piece = np.full(mt_n * 8 * 64, np.nan)
@@ -419,15 +420,16 @@ def test_gemv_pieces_round_trip_the_c_fragments(m):
             for j in range(4):
                 r, c = mt * 8 + 2 * t, 8 * g + 2 * j
                 acc = [y[r, c], y[r + 1, c], y[r, c + 1], y[r + 1, c + 1]]
-                dst = 4 * g + (p * 4 + j) * 32
+                q = 8 * j + g
                 if 2 * p + 1 < m:
-                    piece[dst:dst + 4] = acc[0], acc[2], acc[1], acc[3]
+                    piece[128 * p + 4 * q:128 * p + 4 * q + 4] = acc[0], acc[2], acc[1], acc[3]
                 elif 2 * p < m:
-                    piece[dst:dst + 2] = acc[0], acc[2]
+                    piece[128 * p + 2 * q:128 * p + 2 * q + 2] = acc[0], acc[2]
     out = np.full((m, 64), np.nan)
     for idx in range((m + 1) // 2 * 32):  # the fix-up's threads of one column block (nb = 0)
         r, c = 2 * (idx >> 5), 8 * (idx & 7) + 2 * ((idx >> 3) & 3)
-        s = piece[4 * idx: 4 * idx + (4 if r + 1 < m else 2)]
+        p, q = idx >> 5, idx & 31
+        s = piece[4 * idx: 4 * idx + 4] if r + 1 < m else piece[128 * p + 2 * q: 128 * p + 2 * q + 2]
         assert not np.isnan(s).any(), "the fix-up read a value the flush did not store"
         assert np.isnan(out[r, c:c + 2]).all()
         out[r, c:c + 2] = s[0], s[1]
@@ -435,3 +437,4 @@ def test_gemv_pieces_round_trip_the_c_fragments(m):
             assert np.isnan(out[r + 1, c:c + 2]).all()
             out[r + 1, c:c + 2] = s[2], s[3]
     np.testing.assert_array_equal(out, y[:m])
+    assert not np.isnan(piece[:m * 64]).any() and np.isnan(piece[m * 64:]).all()
