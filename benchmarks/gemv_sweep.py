@@ -1,12 +1,15 @@
 """Tuning sweep of int4_gemv (the m <= 16 fused kernel): variants of its build knobs and host layout,
 timed by CUDA-graph replay on Llama layer shapes, main loop alone and with the fix-up.
 
-    python benchmarks/gemv_sweep.py [--variants reg,smem12,...] [--waves 1,2,4] [--min-chunks 16,32] [--ncu]
+    python benchmarks/gemv_sweep.py [--variants r1,r2,smem12,...] [--ms 1,16] [--shapes 4096x4096,...]
+        [--waves 1,2,4] [--min-chunks 16,32] [--fix-threads 256,64] [--ncu]
 
-A variant is build options (GEMV_D1/GEMV_D2 tiles in flight for m <= 8 / <= 16, GEMV_WARPS per block)
-plus the host's min_chunk (tiles per warp at least). `--waves F` cuts the layer into F times as many
-chunks as one wave holds (F waves of shorter chunks, handed out by the block scheduler as SMs free up);
-`--min-chunks` overrides the variant's min_chunk. Every combination is timed. --ncu launches each kernel once, for
+A variant is build options (the GEMV_* knobs of int4.cu: RING, blocks a SM B1/B2, ring depths S1/S2, the
+bulk-copy ring S3 x T3 at m <= 8 and S3_16 x T3_16 at m <= 16, FOLD, XAHEAD, ...) plus the host's
+min_chunk (tiles per warp at least); r1 and r2 are the current build's two rings. `--waves F` cuts the
+layer into F times as many chunks as one wave holds (F waves of shorter chunks, handed out by the block
+scheduler as SMs free up); `--min-chunks` overrides the variant's min_chunk, `--fix-threads` the fix-up's
+block size. Every combination is timed. --ncu launches each kernel once, for
 `ncu --kernel-name regex:int4_gemv`.
 """
 
@@ -39,6 +42,16 @@ VARIANTS = {  # name: (build options, min_chunk); B1/B2 (blocks per SM, default 
     # the current build, each ring
     "r1": (dict(RING=1), 16),
     "r2": (dict(RING=2), 16),
+    "r1nofold": (dict(RING=1, FOLD=0), 16),  # the current rings with the scale on every weight
+    "r2nofold": (dict(RING=2, FOLD=0), 16),
+    "r2b3": (dict(RING=2, B1=3), 16),
+    "r2b3t11": (dict(RING=2, B1=3, T3=11), 16),
+    "r2t10": (dict(RING=2, T3=10), 16),
+    "r1b3": (dict(RING=1, B1=3), 16),
+    "r2m2x8": (dict(RING=2, S3_16=2, T3_16=8), 16),
+    "r2m4x4": (dict(RING=2, S3_16=4, T3_16=4), 16),
+    "r2m3x6b2": (dict(RING=2, B2=2), 16),
+    "r2b4m16": (dict(RING=2, B2=4, S3_16=4, T3_16=4), 16),
     # the build before the eleventh session (ring 1 as smem12, ring 2 as tma4x4h)
     "reg": (dict(RING=0, D1=4, D2=4, B1=5, B2=4, PF=16, **_OLD), 16),
     "smem12": (dict(RING=1, S1=12, S2=12, B1=6, B2=4, PF=0, T=1, **_OLD), 16),
@@ -114,7 +127,8 @@ def launcher(mod, variant, w: int4.Int4Weight, x: torch.Tensor, out: torch.Tenso
         with int4._stream(x.device):
             fn((-(-warps // warps_per_block),), (32 * warps_per_block,), args)
             if not main_only:
-                fix((-(-(nbk * ((m + 1) // 2) * 32) // fix_threads),), (fix_threads,), fargs)  # a thread a row pair, column pair
+                threads = nbk * ((m + 1) // 2) * 32  # a thread a row pair and column pair
+                fix((-(-threads // fix_threads),), (fix_threads,), fargs)
 
     return run, pmax
 
@@ -173,7 +187,8 @@ def main() -> int:
                 same = "yes" if torch.equal(out, ref_bits) else "NO"
                 t_main = gpu_time(mains)
                 t_all = gpu_time(runs)
-                print(f"| {k}x{n} | {m} | {name} | {waves} | {v[1] if mc is None else mc} | {ft} | {t_main * 1e6:.1f} | "
+                print(f"| {k}x{n} | {m} | {name} | {waves} | {v[1] if mc is None else mc} | {ft} | "
+                      f"{t_main * 1e6:.1f} | "
                       f"{qbytes / t_main / 1e12:.2f} | {t_all * 1e6:.1f} | {qbytes / t_all / 1e12:.2f} | {err:.1e} | "
                       f"{same} |", flush=True)
         del lin, wsl, dense
