@@ -658,8 +658,8 @@ template <int DT> __device__ __forceinline__ void store_pair(u16* y, const u16* 
 }
 
 // The fix-up: one thread per (column block, row pair p, column pair) of gemv's pieces, all in parallel: the
-// 4 floats at r = 32 p + 8 j + g of each piece (see gemv's flush), rows 2p and 2p + 1 (2 floats where 2p + 1
-// is past M) of columns 8g + 2j and 8g + 2j + 1.
+// 4 floats at 4 r = 4 (32 p + 8 j + g) of each piece (see gemv's flush), rows 2p and 2p + 1 of columns
+// 8g + 2j and 8g + 2j + 1; where 2p + 1 is past M, the 2 floats of row 2p at 128 p + 2 (8 j + g).
 template <int DT, int MT>
 __global__ void __launch_bounds__(256) int4_gemv_fix(const float* __restrict__ ws, const u16* __restrict__ bias,
                                                      u16* __restrict__ y, int M, int N, int Np, int KT, int chunk,
@@ -799,7 +799,8 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
   };
   // C fragment: acc[j][mt] = {y[m][n], y[m+1][n], y[m][n+1], y[m+1][n+1]}, m = 8mt + 2t, n = 8g + 2j.
   // A piece is [row pair p = m / 2][j][g] x {y[m][n], y[m][n+1], y[m+1][n], y[m+1][n+1]}: a lane stores 16
-  // bytes (8 where m + 1 is past M; nothing where m is), and the 8 lanes of one t fill 128 contiguous bytes.
+  // bytes, and the 8 lanes of one t fill 128 contiguous bytes. Where m + 1 is past M (the last pair of an odd
+  // M) the slots are 8 bytes, {y[m][n], y[m][n+1]}, so the piece stays contiguous; nothing where m is.
   // (Stored as rows of y, each lane's 8-byte pairs of 4 rows a store, the m = 16 pieces took ~40% of a
   // small layer's stream.)
   auto flush = [&]() {  // this warp's piece of column block nb is complete
