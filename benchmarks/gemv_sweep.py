@@ -91,6 +91,11 @@ VARIANTS = {  # name: (build options, min_chunk); B1/B2 (blocks per SM, default 
 SHAPES = [(8192, 57344), (28672, 8192), (4096, 28672), (14336, 4096), (4096, 4096), (4096, 6144)]
 
 
+def blocks(opts: dict) -> tuple[int, int]:
+    """A variant's blocks per SM at m <= 8 and m <= 16 (its launch bounds, and so its wave and chunks)."""
+    return opts.get("B1", int4.GEMV_BLOCKS[1]), opts.get("B2", int4.GEMV_BLOCKS[2])
+
+
 def build(opts_: dict):
     import cupy
 
@@ -104,7 +109,7 @@ def launcher(mod, variant, w: int4.Int4Weight, x: torch.Tensor, out: torch.Tenso
     opts, min_chunk0 = variant
     min_chunk = min_chunk0 if min_chunk is None else min_chunk
     warps_per_block = int4.GEMV_WARPS
-    b1, b2 = opts.get("B1", int4.GEMV_BLOCKS[1]), opts.get("B2", int4.GEMV_BLOCKS[2])
+    b1, b2 = blocks(opts)
     m = x.shape[0]
     kp, np_ = int4.padded(w.k, w.n)
     nbk, kt = w.qweight.shape[:2]
@@ -182,7 +187,7 @@ def main() -> int:
                 runs[0]()
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 o = v[0]  # same arithmetic and the same chunks: the same bits
-                key = (o.get("FOLD", 1), o.get("B1", int4.GEMV_BLOCKS[1]), o.get("B2", int4.GEMV_BLOCKS[2]), waves, mc)
+                key = (o.get("FOLD", 1), blocks(o), waves, mc)
                 ref_bits = first.setdefault(key, out.clone())
                 same = "yes" if torch.equal(out, ref_bits) else "NO"
                 t_main = gpu_time(mains)
