@@ -495,22 +495,32 @@ __global__ void __launch_bounds__(Cfg<MT>::KW * 32)
 
 // ---------------------------------------------------------------------------------------------------
 // The fused kernels' input where it must be staged: xs[m][k] = x[m][perm[k]] (act-order; x[m][k] without
-// perm) for k < K and zero for K <= k < Kp, x's rows K apart and xs's Kp apart (Kp a multiple of 8).
-// 8 columns a thread, one 16-byte store; one launch instead of torch's index_select (+ pad and copy).
+// perm) for k < K and zero for K <= k < Kp, x's rows K apart and xs's Kp apart (K and Kp multiples of 8, x
+// and perm 16-byte aligned: Int4Weight.check and the wrappers). 8 columns a thread, one 16-byte store; one
+// launch instead of torch's index_select (+ pad and copy). The 8 perm entries come in two 16-byte loads,
+// then all 8 gathers are in flight at once: two round trips. (Loaded a pair at a time, each gather behind
+// its own perm load, it was 8 dependent round trips: ~3 us for a few KB.)
 __global__ void int4_stage_x(const u16* __restrict__ x, const int* __restrict__ perm, u16* __restrict__ xs,
                              int K, int Kp) {
   const int c8 = (blockIdx.x * blockDim.x + threadIdx.x) * 8, m = blockIdx.y;
   if (c8 >= Kp) return;
   const u16* xr = x + (size_t)m * K;
-  u32 v[4];
+  uint4 o = make_uint4(0u, 0u, 0u, 0u);
+  if (c8 < K) {  // all 8 columns are in K
+    if (perm == nullptr) {
+      o = ld_v4(xr + c8);
+    } else {
+      const uint4 p0 = ld_v4(perm + c8), p1 = ld_v4(perm + c8 + 4);
+      u32 h[8];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int k0 = c8 + 2 * i, k1 = k0 + 1;
-    const u32 lo = k0 < K ? (u32)ld_u16(xr + (perm != nullptr ? perm[k0] : k0)) : 0u;
-    const u32 hi = k1 < K ? (u32)ld_u16(xr + (perm != nullptr ? perm[k1] : k1)) : 0u;
-    v[i] = lo | (hi << 16);
+      for (int i = 0; i < 4; ++i) {
+        h[i] = ld_u16(xr + word(p0, i));
+        h[4 + i] = ld_u16(xr + word(p1, i));
+      }
+      o = make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
+    }
   }
-  st_v4(xs + (size_t)m * Kp + c8, make_uint4(v[0], v[1], v[2], v[3]));
+  st_v4(xs + (size_t)m * Kp + c8, o);
 }
 
 
