@@ -2,14 +2,15 @@
 timed by CUDA-graph replay on Llama layer shapes, main loop alone and with the fix-up.
 
     python benchmarks/gemv_sweep.py [--variants r1,r2,smem12,...] [--ms 1,16] [--shapes 4096x4096,...]
-        [--waves 1,2,4] [--min-chunks 16,32] [--fix-threads 256,64] [--ncu]
+        [--waves 1,2,4] [--min-chunks 16,32] [--fix-threads 256,64] [--fix-depths 8,16] [--ncu]
 
 A variant is build options (the GEMV_* knobs of int4.cu: RING, blocks a SM B1/B2, ring depths S1/S2, the
 bulk-copy ring S3 x T3 at m <= 8 and S3_16 x T3_16 at m <= 16, FOLD, XAHEAD, ...) plus the host's
 min_chunk (tiles per warp at least); r1 and r2 are the current build's two rings. `--waves F` cuts the
 layer into F times as many chunks as one wave holds (F waves of shorter chunks, handed out by the block
 scheduler as SMs free up); `--min-chunks` overrides the variant's min_chunk, `--fix-threads` the fix-up's
-block size. Every combination is timed. --ncu launches each kernel once, for
+block size, `--fix-depths` its F (int4_gemv_fix<DT, MT, F>; default: the host's choice by pieces). Every
+combination is timed. --ncu launches each kernel once, for
 `ncu --kernel-name regex:int4_gemv`.
 """
 
@@ -99,13 +100,15 @@ def blocks(opts: dict) -> tuple[int, int]:
 def build(opts_: dict):
     import cupy
 
-    names = [f"int4_gemv<0, {mt}>" for mt in (1, 2)] + [f"int4_gemv_fix<0, {mt}>" for mt in (1, 2)]
+    names = [f"int4_gemv<0, {mt}>" for mt in (1, 2)] + [f"int4_gemv_fix<0, {mt}, {f}>" for mt in (1, 2)
+                                                          for f in int4.GEMV_FIX_DEPTHS]
     opts = ("-std=c++17", f"-DGEMV_WARPS={int4.GEMV_WARPS}") + tuple(f"-DGEMV_{k}={v}" for k, v in opts_.items())
     return cupy.RawModule(code=int4.SOURCE.read_text(), options=opts, name_expressions=names)
 
 
 def launcher(mod, variant, w: int4.Int4Weight, x: torch.Tensor, out: torch.Tensor, ws: torch.Tensor,
-             main_only: bool, waves: int = 1, min_chunk: int | None = None, fix_threads: int = 256):
+             main_only: bool, waves: int = 1, min_chunk: int | None = None, fix_threads: int = 256,
+             fix_depth: int | None = None):
     opts, min_chunk0 = variant
     min_chunk = min_chunk0 if min_chunk is None else min_chunk
     warps_per_block = int4.GEMV_WARPS
@@ -120,7 +123,8 @@ def launcher(mod, variant, w: int4.Int4Weight, x: torch.Tensor, out: torch.Tenso
     if nbk * pmax * mt * 8 * 64 > ws.numel():
         raise ValueError(f"gemv_sweep: the fix-up workspace is too small for {waves} waves")
     fn = mod.get_function(f"int4_gemv<0, {mt}>")
-    fix = mod.get_function(f"int4_gemv_fix<0, {mt}>")
+    depth = int4.gemv_fix_depth(pmax) if fix_depth is None else fix_depth
+    fix = mod.get_function(f"int4_gemv_fix<0, {mt}, {depth}>")
     p = lambda t: np.uint64(0 if t is None else t.data_ptr())  # noqa: E731
     args = (p(x), p(w.qweight), p(w.scales), p(w.qzeros), p(None), p(out), p(ws), np.int32(m), np.int32(kp),
             np.int32(w.n), np.int32(np_), np.int32(kt), np.int32(w.n_groups), np.int32(w.group16), np.int32(chunk),
@@ -135,7 +139,7 @@ def launcher(mod, variant, w: int4.Int4Weight, x: torch.Tensor, out: torch.Tenso
                 threads = nbk * ((m + 1) // 2) * 32  # a thread a row pair and column pair
                 fix((-(-threads // fix_threads),), (fix_threads,), fargs)
 
-    return run, pmax
+    return run, depth
 
 
 def main() -> int:
@@ -146,11 +150,15 @@ def main() -> int:
     ap.add_argument("--ncu", action="store_true")
     ap.add_argument("--ms", default="1,16", help="comma-separated m")
     ap.add_argument("--fix-threads", default="256", help="comma-separated fix-up block sizes (at most 256)")
+    ap.add_argument("--fix-depths", default="", help="comma-separated F of the fix-up (default: the host's)")
     ap.add_argument("--shapes", default="", help="comma-separated KxN (default: the Llama-3 8B and 70B layers)")
     args = ap.parse_args()
     waves_l = [int(v) for v in args.waves.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
     fixes = [int(v) for v in args.fix_threads.split(",")]
+    depths = [int(v) for v in args.fix_depths.split(",")] if args.fix_depths else [None]
+    if set(depths) - {None, *int4.GEMV_FIX_DEPTHS}:
+        ap.error(f"--fix-depths: built are {int4.GEMV_FIX_DEPTHS}")
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     chunks_l = [int(v) for v in args.min_chunks.split(",")] if args.min_chunks else [None]
     from int4 import gpu_time, quant_layer, rotated  # benchmarks/int4.py
@@ -159,9 +167,9 @@ def main() -> int:
     mods = {n: build(VARIANTS[n][0]) for n in names}
     ws = torch.zeros(64 * 2**20, dtype=torch.float32, device="cuda")
     print(f"# {torch.cuda.get_device_name()}: int4_gemv sweep, fp16, g128 act-order (x pre-gathered)\n")
-    print("| K x N | m | variant | waves | min chunk | fix threads | main us | main TB/s | main + fix us | TB/s "
-          "| x ref rel err | bits = first |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| K x N | m | variant | waves | min chunk | fix threads | fix F | main us | main TB/s | main + fix us "
+          "| TB/s | x ref rel err | bits = first |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for k, n in shapes:
         lin = quant_layer(k, n)
         w0 = lin._weight()
@@ -174,10 +182,12 @@ def main() -> int:
             ref = x.float() @ dense.t()
             out = torch.empty(m, n, device="cuda", dtype=torch.float16)
             first = {}  # the first output of each arithmetic and chunking: the others must match it bit for bit
-            for name, waves, mc, ft in ((nm, f, c, t) for nm in names for f in waves_l for c in chunks_l
-                                        for t in fixes):
+            for name, waves, mc, ft, fd in ((nm, f, c, t, d) for nm in names for f in waves_l for c in chunks_l
+                                            for t in fixes for d in depths):
                 v = VARIANTS[name]
-                runs = [launcher(mods[name], v, wi, xs, out, ws, False, waves, mc, ft)[0] for wi in wsl]
+                runs = [launcher(mods[name], v, wi, xs, out, ws, False, waves, mc, ft, fd) for wi in wsl]
+                depth = runs[0][1]
+                runs = [r for r, _ in runs]
                 if args.ncu:
                     runs[0]()
                     torch.cuda.synchronize()
@@ -192,7 +202,7 @@ def main() -> int:
                 same = "yes" if torch.equal(out, ref_bits) else "NO"
                 t_main = gpu_time(mains)
                 t_all = gpu_time(runs)
-                print(f"| {k}x{n} | {m} | {name} | {waves} | {v[1] if mc is None else mc} | {ft} | "
+                print(f"| {k}x{n} | {m} | {name} | {waves} | {v[1] if mc is None else mc} | {ft} | {depth} | "
                       f"{t_main * 1e6:.1f} | "
                       f"{qbytes / t_main / 1e12:.2f} | {t_all * 1e6:.1f} | {qbytes / t_all / 1e12:.2f} | {err:.1e} | "
                       f"{same} |", flush=True)

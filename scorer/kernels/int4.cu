@@ -537,8 +537,11 @@ __global__ void int4_stage_x(const u16* __restrict__ x, const int* __restrict__ 
 // and the scales applied to the fp32 sums at each group's end (GEMV_FOLD, below).
 // Each column block a warp finishes (or leaves, at its chunk's end) is a "piece": its fp32 partial goes
 // to ws[nb][piece]; int4_gemv_fix, a second launch with one thread per output pair, sums them in piece
-// order (deterministic), adds the bias and writes y. (Summing inline, by the last piece of a column block
-// to arrive, was measured: one warp's serial sums of up to 33 pieces cost more than the extra launch.)
+// order (deterministic), adds the bias and writes y. (Summing inline, by the last warp of a column block to
+// arrive, was measured twice: one warp's serial sums of up to 33 pieces cost more than the extra launch,
+// and with 16 loads in flight it was within 1.5 us of the launch at m <= 4 and slower at m >= 8 and on the
+// large layers, where fences and a ticket's round trip replace a launch that a graph overlaps with this
+// one's tail: RESULTS.md, twelfth session.)
 #ifndef GEMV_WARPS
 #define GEMV_WARPS 4  // warps per block (scorer.kernels.int4 mirrors it)
 #endif
@@ -628,13 +631,14 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 mask, u32 magic) {
   return d;
 }
 
-// Sum of pieces 0..pieces-1 of V (2 or 4) floats, in piece order, 8 loads in flight at a time.
-template <int V> __device__ __forceinline__ float4 sum_pieces(const float* p0, int pieces, int stride) {
+// Sum of pieces 0..pieces-1 of V (2 or 4) floats, in piece order, F loads in flight at a time (the adds run
+// in the same order whatever F is: the same bits).
+template <int V, int F> __device__ __forceinline__ float4 sum_pieces(const float* p0, int pieces, int stride) {
   float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int p = 0; p < pieces; p += 8) {
-    float4 v[8];
+  for (int p = 0; p < pieces; p += F) {
+    float4 v[F];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
+    for (int i = 0; i < F; ++i) {
       v[i] = make_float4(0.f, 0.f, 0.f, 0.f);
       if (p + i < pieces) {
         const float* q = p0 + (size_t)(p + i) * stride;
@@ -648,7 +652,7 @@ template <int V> __device__ __forceinline__ float4 sum_pieces(const float* p0, i
       }
     }
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
+    for (int i = 0; i < F; ++i) {
       s.x += v[i].x;
       s.y += v[i].y;
       s.z += v[i].z;
@@ -670,10 +674,16 @@ template <int DT> __device__ __forceinline__ void store_pair(u16* y, const u16* 
 // The fix-up: one thread per (column block, row pair p, column pair) of gemv's pieces, all in parallel: the
 // 4 floats at 4 r = 4 (32 p + 8 j + g) of each piece (see gemv's flush), rows 2p and 2p + 1 of columns
 // 8g + 2j and 8g + 2j + 1; where 2p + 1 is past M, the 2 floats of row 2p at 128 p + 2 (8 j + g).
-template <int DT, int MT>
-__global__ void __launch_bounds__(256) int4_gemv_fix(const float* __restrict__ ws, const u16* __restrict__ bias,
-                                                     u16* __restrict__ y, int M, int N, int Np, int KT, int chunk,
-                                                     int pmax) {
+// F: the pieces a thread sums at a time (all F loads in flight, then F adds, in piece order: the same bits for
+// every F). ptxas keeps a loop's loads in flight only when the launch bounds leave it the registers: under
+// __launch_bounds__(256) alone it aims at 32 registers and puts the adds between the loads (~3 in flight
+// whatever F is; cuobjdump -sass), the most blocks a SM, which suits layers whose column blocks have few
+// pieces. With a minimum of 1 block it keeps all 16 of F = 16 in flight (80 registers) for the layers with
+// many (the host picks F by pmax: scorer.kernels.int4.gemv_fix_depth).
+template <int DT, int MT, int F>
+__global__ void __launch_bounds__(256, F > 8 ? 1 : 0)
+    int4_gemv_fix(const float* __restrict__ ws, const u16* __restrict__ bias, u16* __restrict__ y, int M, int N,
+                  int Np, int KT, int chunk, int pmax) {
   constexpr int PIECE = GemvCfg<MT>::PIECE;
   const int per_nb = (M + 1) / 2 * 32;
   const int idx = blockIdx.x * blockDim.x + threadIdx.x, nb = idx / per_nb, r = idx - nb * per_nb;
@@ -684,11 +694,11 @@ __global__ void __launch_bounds__(256) int4_gemv_fix(const float* __restrict__ w
   const bool pair = m + 1 < M;
   const float* p0 = ws + (size_t)nb * pmax * PIECE + (pair ? 4 * r : 128 * (r >> 5) + 2 * (r & 31));
   if (pair) {
-    const float4 s = sum_pieces<4>(p0, pieces, PIECE);
+    const float4 s = sum_pieces<4, F>(p0, pieces, PIECE);
     store_pair<DT>(y + (size_t)m * N + n, bias, n, make_float2(s.x, s.y));
     store_pair<DT>(y + (size_t)(m + 1) * N + n, bias, n, make_float2(s.z, s.w));
   } else {
-    const float4 s = sum_pieces<2>(p0, pieces, PIECE);
+    const float4 s = sum_pieces<2, F>(p0, pieces, PIECE);
     store_pair<DT>(y + (size_t)m * N + n, bias, n, make_float2(s.x, s.y));
   }
 }

@@ -47,6 +47,10 @@ GEMV_WARPS = 4  # warps per block of int4_gemv (GEMV_WARPS in int4.cu)
 GEMV_BLOCKS = {1: 4, 2: 3}  # blocks per SM by row tiles (GEMV_B1, GEMV_B2 in int4.cu: its launch bounds)
 GEMV_WAVE = GEMV_WARPS * GEMV_BLOCKS[2]  # warps per SM in gemv's one wave (the smaller of the two)
 GEMV_MIN_CHUNK = 16  # tiles per warp at least: fewer pieces to fix up on small layers
+# int4_gemv_fix<DT, MT, F>: F = 8 (32 registers, ~3 loads in flight, the most blocks a SM) for layers whose
+# column blocks have at most GEMV_FIX_FEW pieces, F = 16 (all 16 in flight) above (RESULTS.md, twelfth session)
+GEMV_FIX_DEPTHS = (8, 16)
+GEMV_FIX_FEW = 8
 GEMV_RINGS = (1, 2)  # int4_gemv<DT, MT, R>: 1 cp.async per lane, 2 bulk copies (sm_90+; ring 1 below)
 CROSSOVER_PROBES = (1, 8, 16, 32, 48, 64)
 MID_MAX_M = 1024  # gemm_mid's largest m
@@ -220,7 +224,8 @@ def _names() -> list[str]:
         for mt in (1, 2):
             for r in GEMV_RINGS:
                 names.append(f"int4_gemv<{dt}, {mt}, {r}>")
-            names.append(f"int4_gemv_fix<{dt}, {mt}>")
+            for f in GEMV_FIX_DEPTHS:
+                names.append(f"int4_gemv_fix<{dt}, {mt}, {f}>")
     return names
 
 
@@ -419,6 +424,11 @@ def gemv_layout(nblocks: int, kt: int, sms: int, min_chunk: int = GEMV_MIN_CHUNK
     chunk = -(-total // warps)
     warps = -(-total // chunk)
     return chunk, warps, -(-kt // chunk) + 1
+
+
+def gemv_fix_depth(pmax: int) -> int:
+    """F of int4_gemv_fix<DT, MT, F> for a layout whose column blocks have at most pmax pieces."""
+    return GEMV_FIX_DEPTHS[0] if pmax <= GEMV_FIX_FEW else GEMV_FIX_DEPTHS[1]
 
 
 def gemv_pieces(nb: int, kt: int, chunk: int) -> tuple[int, int]:
@@ -621,7 +631,8 @@ def _gemv_plan(w: Int4Weight, m: int, ring: int) -> _GemvPlan:
                                      ws, i32(m), i32(kp), i32(w.n), i32(np_), i32(kt), i32(w.n_groups),
                                      i32(w.group16), i32(chunk), i32(pmax)])
     fix_threads = nbk * ((m + 1) // 2) * 32  # per column block: 32 column pairs of each row pair
-    fix = _Launch(_kernel(dev.index, f"int4_gemv_fix<{_DT[w.dtype]}, {mt_of(m)}>"), (-(-fix_threads // 256),), 256,
+    fix = _Launch(_kernel(dev.index, f"int4_gemv_fix<{_DT[w.dtype]}, {mt_of(m)}, {gemv_fix_depth(pmax)}>"),
+                  (-(-fix_threads // 256),), 256,
                   [ws, _ptr(w.bias), _Slot("y"), i32(m), i32(w.n), i32(np_), i32(kt), i32(chunk), i32(pmax)])
     return _GemvPlan(base, st, main, fix, threading.Lock())
 
@@ -903,7 +914,8 @@ def bandwidth_bytes(w: Int4Weight) -> int:
 
 __all__ = [
     "Int4Weight", "available", "bandwidth_bytes", "crossover", "dequant", "dequant_matmul", "dequant_rows",
-    "gemm_mid", "gemm_small", "gemm_tiles", "gemv", "gemv_layout", "gemv_pieces", "gemv_ring", "int4_matmul",
+    "gemm_mid", "gemm_small", "gemm_tiles", "gemv", "gemv_fix_depth", "gemv_layout", "gemv_pieces", "gemv_ring",
+    "int4_matmul",
     "linear", "matmul", "measure_crossover", "measure_mid_wins", "mid_split", "mid_wins", "mt_of",
     "padded", "reference_matmul", "reference_weight", "register", "repack", "reserve", "split_k", "unrepack",
     "uses_mid", "warps_of",

@@ -353,6 +353,10 @@ def test_gemv_partition_covers_every_tile_once(nbk, kt, sms):
         lo, pieces = int4.gemv_pieces(nb, kt, chunk)
         assert owners[nb] == list(range(lo, lo + pieces))  # the warps that write a piece of nb, in order
         assert pieces <= pmax
+    # the fix-up's depth comes from the same pmax, and is one of the depths the module builds
+    f = int4.gemv_fix_depth(pmax)
+    assert f == (int4.GEMV_FIX_DEPTHS[0] if pmax <= int4.GEMV_FIX_FEW else int4.GEMV_FIX_DEPTHS[1])
+    assert {f"int4_gemv_fix<{dt}, {mt}, {f}>" for dt in (0, 1) for mt in (1, 2)} <= set(int4._names())
 
 
 def test_gemv_fp16_in_place_nibble_trick_is_exact():
