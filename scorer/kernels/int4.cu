@@ -63,6 +63,11 @@ template <int DT> __device__ __forceinline__ float to_f32(u16 h) {
   }
 }
 
+// Half h (0: bits 0..15, 1: bits 16..31) of a packed pair, as fp32.
+template <int DT> __device__ __forceinline__ float half_f32(u32 pair, int h) {
+  return to_f32<DT>((u16)(h ? pair >> 16 : pair & 0xFFFFu));
+}
+
 template <int DT> __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
   if constexpr (DT == 0) {
     asm volatile(
@@ -478,8 +483,8 @@ __global__ void __launch_bounds__(Cfg<MT>::KW * 32)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const u32 b2 = word(bv, i);
-        s[2 * i] += to_f32<DT>((u16)(b2 & 0xFFFFu));
-        s[2 * i + 1] += to_f32<DT>((u16)(b2 >> 16));
+        s[2 * i] += half_f32<DT>(b2, 0);
+        s[2 * i + 1] += half_f32<DT>(b2, 1);
       }
     }
     uint4 o;
@@ -665,8 +670,8 @@ template <int V, int F> __device__ __forceinline__ float4 sum_pieces(const float
 template <int DT> __device__ __forceinline__ void store_pair(u16* y, const u16* bias, int n, float2 v) {
   if (bias != nullptr) {
     const u32 bb = ld_u32(bias + n);
-    v.x += to_f32<DT>((u16)(bb & 0xFFFFu));
-    v.y += to_f32<DT>((u16)(bb >> 16));
+    v.x += half_f32<DT>(bb, 0);
+    v.y += half_f32<DT>(bb, 1);
   }
   st_u32(y, pack2<DT>(v.x, v.y));
 }
@@ -782,7 +787,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
       if constexpr (GEMV_FOLD) {
-        sf[c] = to_f32<DT>((u16)(word(sv_next, c >> 1) >> (16 * (c & 1))));
+        sf[c] = half_f32<DT>(word(sv_next, c >> 1), c & 1);
       } else {
         sc[c] = scale2(sv_next, c);
       }
@@ -1253,8 +1258,8 @@ __global__ void __launch_bounds__(MidCfg::NT, MID_MINB)
       const uint4 b = ld_v4(bias + ncol);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        bv[2 * i] = to_f32<DT>((u16)(word(b, i) & 0xFFFFu));
-        bv[2 * i + 1] = to_f32<DT>((u16)(word(b, i) >> 16));
+        bv[2 * i] = half_f32<DT>(word(b, i), 0);
+        bv[2 * i + 1] = half_f32<DT>(word(b, i), 1);
       }
     }
   };
