@@ -132,12 +132,13 @@ def launcher(mod, variant, w: int4.Int4Weight, x: torch.Tensor, out: torch.Tenso
     fargs = (p(ws), p(None), p(out), np.int32(m), np.int32(w.n), np.int32(np_), np.int32(kt), np.int32(chunk),
              np.int32(pmax))
 
+    fix_blocks = -(-int4.gemv_fix_threads(nbk, m) // fix_threads)
+
     def run():
         with int4._stream(x.device):
             fn((-(-warps // warps_per_block),), (32 * warps_per_block,), args)
             if not main_only:
-                threads = nbk * ((m + 1) // 2) * 32  # a thread a row pair and column pair
-                fix((-(-threads // fix_threads),), (fix_threads,), fargs)
+                fix((fix_blocks,), (fix_threads,), fargs)
 
     return run, depth
 

@@ -431,6 +431,12 @@ def gemv_fix_depth(pmax: int) -> int:
     return GEMV_FIX_DEPTHS[0] if pmax <= GEMV_FIX_FEW else GEMV_FIX_DEPTHS[1]
 
 
+def gemv_fix_threads(nblocks: int, m: int) -> int:
+    """Threads of int4_gemv_fix over nblocks column blocks at m rows: per column block, the 32 column pairs
+    of each row pair (the kernel's per_nb)."""
+    return nblocks * ((m + 1) // 2) * 32
+
+
 def gemv_pieces(nb: int, kt: int, chunk: int) -> tuple[int, int]:
     """(first warp, pieces) of column block nb in gemv's partition (the kernel's own arithmetic)."""
     lo, hi = (nb * kt) // chunk, ((nb + 1) * kt - 1) // chunk
@@ -630,7 +636,7 @@ def _gemv_plan(w: Int4Weight, m: int, ring: int) -> _GemvPlan:
                    32 * GEMV_WARPS, [x, _ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(w.bias), _Slot("y"),
                                      ws, i32(m), i32(kp), i32(w.n), i32(np_), i32(kt), i32(w.n_groups),
                                      i32(w.group16), i32(chunk), i32(pmax)])
-    fix_threads = nbk * ((m + 1) // 2) * 32  # per column block: 32 column pairs of each row pair
+    fix_threads = gemv_fix_threads(nbk, m)
     fix = _Launch(_kernel(dev.index, f"int4_gemv_fix<{_DT[w.dtype]}, {mt_of(m)}, {gemv_fix_depth(pmax)}>"),
                   (-(-fix_threads // 256),), 256,
                   [ws, _ptr(w.bias), _Slot("y"), i32(m), i32(w.n), i32(np_), i32(kt), i32(chunk), i32(pmax)])
@@ -914,9 +920,8 @@ def bandwidth_bytes(w: Int4Weight) -> int:
 
 __all__ = [
     "Int4Weight", "available", "bandwidth_bytes", "crossover", "dequant", "dequant_matmul", "dequant_rows",
-    "gemm_mid", "gemm_small", "gemm_tiles", "gemv", "gemv_fix_depth", "gemv_layout", "gemv_pieces", "gemv_ring",
-    "int4_matmul",
-    "linear", "matmul", "measure_crossover", "measure_mid_wins", "mid_split", "mid_wins", "mt_of",
+    "gemm_mid", "gemm_small", "gemm_tiles", "gemv", "gemv_fix_depth", "gemv_fix_threads", "gemv_layout",
+    "gemv_pieces", "gemv_ring", "int4_matmul", "linear", "matmul", "measure_crossover", "measure_mid_wins", "mid_split", "mid_wins", "mt_of",
     "padded", "reference_matmul", "reference_weight", "register", "repack", "reserve", "split_k", "unrepack",
     "uses_mid", "warps_of",
 ]

@@ -430,7 +430,7 @@ def test_gemv_pieces_round_trip_the_c_fragments(m):
                 elif 2 * p < m:
                     piece[128 * p + 2 * q:128 * p + 2 * q + 2] = acc[0], acc[2]
     out = np.full((m, 64), np.nan)
-    for idx in range((m + 1) // 2 * 32):  # the fix-up's threads of one column block (nb = 0)
+    for idx in range(int4.gemv_fix_threads(1, m)):  # the fix-up's threads of one column block (nb = 0)
         r, c = 2 * (idx >> 5), 8 * (idx & 7) + 2 * ((idx >> 3) & 3)
         p, q = idx >> 5, idx & 31
         s = piece[4 * idx: 4 * idx + 4] if r + 1 < m else piece[128 * p + 2 * q: 128 * p + 2 * q + 2]
