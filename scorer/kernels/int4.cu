@@ -219,6 +219,23 @@ __device__ __forceinline__ void cp_async8(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Programmatic dependent launch (sm_90+). The host launches gemv's kernels with the programmatic
+// stream-serialization attribute (scorer.kernels.int4._Launch, pdl=True), so each may start before the
+// kernel ahead of it in the stream has finished. pdl_wait() blocks until that kernel has completed and its
+// writes are visible: a kernel calls it before reading anything another kernel writes and before writing
+// anything at all. pdl_launch() lets the next such launch start now (its blocks then take SMs as they
+// free up and wait in their own pdl_wait). Under a plain launch both are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
@@ -507,6 +524,8 @@ __global__ void __launch_bounds__(Cfg<MT>::KW * 32)
 // its own perm load, it was 8 dependent round trips: ~3 us for a few KB.)
 __global__ void int4_stage_x(const u16* __restrict__ x, const int* __restrict__ perm, u16* __restrict__ xs,
                              int K, int Kp) {
+  pdl_wait();    // x is the kernel ahead's output; xs may still be read by a kernel ahead
+  pdl_launch();  // gemv may start its weight stream now (it waits for xs in its own pdl_wait)
   const int c8 = (blockIdx.x * blockDim.x + threadIdx.x) * 8, m = blockIdx.y;
   if (c8 >= Kp) return;
   const u16* xr = x + (size_t)m * K;
@@ -689,6 +708,7 @@ template <int DT, int MT, int F>
 __global__ void __launch_bounds__(256, F > 8 ? 1 : 0)
     int4_gemv_fix(const float* __restrict__ ws, const u16* __restrict__ bias, u16* __restrict__ y, int M, int N,
                   int Np, int KT, int chunk, int pmax) {
+  pdl_wait();  // the pieces are gemv's output
   constexpr int PIECE = GemvCfg<MT>::PIECE;
   const int per_nb = (M + 1) / 2 * 32;
   const int idx = blockIdx.x * blockDim.x + threadIdx.x, nb = idx / per_nb, r = idx - nb * per_nb;
@@ -763,6 +783,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
   const int gw = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
   const int nbk = Np >> 6, total = nbk * KT;
   const int beg = gw * chunk;
+  pdl_launch();  // the fix-up may launch now: its blocks take SMs as this wave's leave, and wait there
   if (beg >= total) return;  // no block-wide barrier below: idle warps may leave
   const int end = min(total, beg + chunk);
 
@@ -921,6 +942,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
         xoff = xoff == xwrap ? 0 : xoff;
       }
     };
+    pdl_wait();  // x (its fetches carry x) and ws come from kernels ahead
 #pragma unroll
     for (int d = 0; d < D; ++d) fetch(wb[d], xb[d]);
     for (int i = beg; i < end; i += D) {
@@ -956,6 +978,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
       for (int st = 0; st < S; ++st) issue(st);
     }
     __syncwarp();
+    pdl_wait();  // the codes, scales and zeros are already streaming; x and ws come from kernels ahead
     uint2 xn[T][MT];  // the next stage's x fragments (x offsets wrap inside the row: always in bounds)
     auto load_x = [&]() {
 #pragma unroll
@@ -1017,6 +1040,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, GemvCfg<MT>::B)
       }
       cp_async_commit();  // an empty group past the end keeps the count uniform
     };
+    pdl_wait();  // x (its bursts carry x) and ws come from kernels ahead
 #pragma unroll
     for (int bu = 0; bu < NB - 1; ++bu) issue_burst(bu * T);
     int slot = 0, burst = 0;  // the tile's slot, and its burst's

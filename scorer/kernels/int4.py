@@ -561,9 +561,12 @@ def gemm_mid(x: torch.Tensor, w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
 class _Launch:
     """One kernel launch with its arguments packed once, as cuLaunchKernel's kernelParams: a call rewrites
     the slots that change (x, out) and launches through the driver, skipping CuPy's per-call argument
-    conversion (~10 us of host time a launch, which is what a short batch of a 4-bit model waits on)."""
+    conversion (~10 us of host time a launch, which is what a short batch of a 4-bit model waits on).
+    pdl: launch with programmatic stream serialization (cuLaunchKernelEx), so the kernel may start while
+    the one ahead of it in the stream finishes; only kernels that call int4.cu's pdl_wait() before touching
+    other kernels' memory may be launched so (gemv's three: stage_x, gemv, its fix-up)."""
 
-    def __init__(self, fn, grid: tuple[int, ...], block: int, args: list) -> None:
+    def __init__(self, fn, grid: tuple[int, ...], block: int, args: list, pdl: bool = False) -> None:
         import ctypes
 
         import numpy as np
@@ -576,11 +579,67 @@ class _Launch:
         self.params = (ctypes.c_void_p * len(self.vals))(*[ctypes.addressof(v) for v in self.vals])
         self.params_ptr = ctypes.addressof(self.params)
         self.slots = {a.name: i for i, a in enumerate(args) if isinstance(a, _Slot)}
+        self.ex = _launch_ex() if pdl else None
+        if self.ex is not None:
+            self.attr = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+            self.attr.value[0] = 1  # programmaticStreamSerializationAllowed
+            self.cfg = _LaunchConfig(*self.grid, block, 1, 1, 0, None, ctypes.pointer(self.attr), 1)
 
     def __call__(self, stream: int, **ptrs: int) -> None:
         for name, ptr in ptrs.items():
             self.vals[self.slots[name]].value = ptr
-        _driver().launchKernel(self.f, *self.grid, self.block, 1, 1, 0, stream, self.params_ptr, 0)
+        if self.ex is None:
+            _driver().launchKernel(self.f, *self.grid, self.block, 1, 1, 0, stream, self.params_ptr, 0)
+            return
+        self.cfg.hStream = stream
+        err = self.ex(self.cfg, self.f, self.params_ptr, None)
+        if err:
+            raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {err}")
+
+
+def _launch_types():
+    import ctypes
+
+    class LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: id, padding to 8 bytes, a 64-byte value union
+        _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint32 * 16)]
+
+    class LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+        _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                    ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                    ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                    ("attrs", ctypes.POINTER(LaunchAttr)), ("numAttrs", ctypes.c_uint)]
+
+    return LaunchAttr, LaunchConfig
+
+
+_LaunchAttr, _LaunchConfig = _launch_types()
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+PDL = os.environ.get("SCORER_PDL", "1") != "0"  # gemv's launches overlap (sm_90+); SCORER_PDL=0 turns it off
+_cu_launch_ex: list = []
+
+
+_PDL_DRIVER = 12030  # CUDA 12.3: the first driver whose stream capture takes programmatic launches into a graph
+
+
+def _launch_ex():
+    """cuLaunchKernelEx from the driver library, or None where PDL is off or the driver is older than 12.3."""
+    if not PDL:
+        return None
+    if not _cu_launch_ex:
+        import ctypes
+
+        fn = None
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+            version = ctypes.c_int(0)
+            if lib.cuDriverGetVersion(ctypes.byref(version)) == 0 and version.value >= _PDL_DRIVER:
+                fn = lib.cuLaunchKernelEx
+                fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                fn.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            fn = None
+        _cu_launch_ex.append(fn)
+    return _cu_launch_ex[0]
 
 
 _cupy_driver = None
@@ -627,19 +686,20 @@ def _gemv_plan(w: Int4Weight, m: int, ring: int) -> _GemvPlan:
     base = s.buf.data_ptr()
     i32 = np.int32
     st = None
+    pdl = torch.cuda.get_device_capability(dev) >= (9, 0)  # griddepcontrol: sm_90+
     if stage:  # x with rows Kp apart and zeros past K, columns gathered under act-order
         st = _Launch(_kernel(dev.index, "int4_stage_x"), _stage_grid(m, kp), _STAGE_BLOCK,
-                     [_Slot("x"), _ptr(w.perm), np.uint64(base), i32(w.k), i32(kp)])
+                     [_Slot("x"), _ptr(w.perm), np.uint64(base), i32(w.k), i32(kp)], pdl)
     ws = np.uint64(base + stage)
     x = np.uint64(base) if stage else _Slot("x")
     main = _Launch(_kernel(dev.index, f"int4_gemv<{_DT[w.dtype]}, {mt_of(m)}, {ring}>"), (-(-warps // GEMV_WARPS),),
                    32 * GEMV_WARPS, [x, _ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(w.bias), _Slot("y"),
                                      ws, i32(m), i32(kp), i32(w.n), i32(np_), i32(kt), i32(w.n_groups),
-                                     i32(w.group16), i32(chunk), i32(pmax)])
+                                     i32(w.group16), i32(chunk), i32(pmax)], pdl)
     fix_threads = gemv_fix_threads(nbk, m)
     fix = _Launch(_kernel(dev.index, f"int4_gemv_fix<{_DT[w.dtype]}, {mt_of(m)}, {gemv_fix_depth(pmax)}>"),
                   (-(-fix_threads // 256),), 256,
-                  [ws, _ptr(w.bias), _Slot("y"), i32(m), i32(w.n), i32(np_), i32(kt), i32(chunk), i32(pmax)])
+                  [ws, _ptr(w.bias), _Slot("y"), i32(m), i32(w.n), i32(np_), i32(kt), i32(chunk), i32(pmax)], pdl)
     return _GemvPlan(base, st, main, fix, threading.Lock())
 
 

@@ -142,6 +142,55 @@ def test_gemv_is_deterministic_and_reusable(m, dtype):
     assert torch.equal(again, first)
 
 
+@pytest.mark.parametrize("act", [True, False])
+@pytest.mark.parametrize("m", [1, 9, 16])
+def test_pdl_launches_give_the_same_bits_eagerly_and_replayed(monkeypatch, act, m):
+    """gemv's launches with programmatic dependent launch (int4.PDL) start before the kernel ahead ends; each
+    waits only before it touches that kernel's memory. Two layers chained (the second reads the first's y,
+    written by its fix-up) give the same bits as plain launches, eagerly and from a CUDA graph replayed on
+    fresh inputs."""
+    from scorer.kernels import int4
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    dtype = torch.float16
+    la, _ = layer_on_gpu(4160, 1096, 128, v1=False, sym=False, act=act, dtype=dtype)
+    lb, _ = layer_on_gpu(1096, 136, 64, v1=True, sym=True, act=act, dtype=dtype)
+    wa, wb = la._weight(), lb._weight()
+
+    def chain(x):
+        return int4.matmul(int4.matmul(x, wa), wb)
+
+    def set_pdl(on):
+        monkeypatch.setattr(int4, "PDL", on)
+        wa.plans.clear()  # a plan's launches are built under the flag as it was
+        wb.plans.clear()
+
+    xs = [torch.randn(m, 4160, device="cuda", dtype=dtype) for _ in range(4)]
+    set_pdl(False)
+    plain = [chain(x).clone() for x in xs]
+    set_pdl(True)
+    assert wa.plans == {} and int4._launch_ex() is not None, "the driver has cuLaunchKernelEx"
+    for x, want in zip(xs, plain):
+        assert torch.equal(chain(x), want)
+    assert all(p.main.ex is not None for p in wa.plans.values()), "the plans launch through cuLaunchKernelEx"
+    static_x = xs[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(static_x)
+    for _ in range(3):
+        for x, want in zip(xs, plain):
+            static_x.copy_(x)
+            out.fill_(float("nan"))
+            graph.replay()
+            assert torch.equal(out, want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_gemm_is_deterministic_and_reusable(dtype):
     """Split-K counters reset themselves: repeated launches give bit-identical results."""

@@ -407,6 +407,62 @@ def test_launch_packs_kernel_params_once_and_rewrites_only_its_slots():
                     ((0xF00D, 9, 2, 1, 128, 1, 1, 0, 78), 0, [2**47 + 16, 2**40 + 3, -7, 2**45 + 64, 2**31 - 1])]
 
 
+def test_pdl_launch_fills_cuLaunchKernelEx_config_as_the_driver_reads_it(monkeypatch):
+    """A pdl launch goes through cuLaunchKernelEx: CUlaunchConfig and CUlaunchAttribute laid out as cuda.h
+    (x86-64: attribute 72 bytes, value at 8; config 56 bytes, stream at 32, attrs at 40, count at 48), the
+    programmatic stream-serialization attribute (id 6) set to 1, the packed params, this call's stream."""
+    import ctypes
+
+    assert ctypes.sizeof(int4._LaunchAttr) == 72 and int4._LaunchAttr.value.offset == 8
+    assert ctypes.sizeof(int4._LaunchConfig) == 56
+    assert (int4._LaunchConfig.hStream.offset, int4._LaunchConfig.attrs.offset,
+            int4._LaunchConfig.numAttrs.offset) == (32, 40, 48)
+    seen = []
+
+    def fake_ex(cfg, f, params, extra):
+        a = cfg.attrs[0]
+        vals = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
+        seen.append(((cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ, cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ,
+                      cfg.sharedMemBytes, cfg.hStream, cfg.numAttrs), (a.id, a.value[0]), f, extra,
+                     ctypes.c_uint64.from_address(vals[0]).value))
+        return 0
+
+    class Fn:
+        ptr = 0xBEEF
+
+    monkeypatch.setattr(int4, "_cu_launch_ex", [fake_ex])
+    monkeypatch.setattr(int4, "PDL", True)
+    launch = int4._Launch(Fn(), (5,), 256, [int4._Slot("y"), np.int32(3)], pdl=True)
+    launch(99, y=2**44)
+    assert seen == [((5, 1, 1, 256, 1, 1, 0, 99, 1), (6, 1), 0xBEEF, None, 2**44)]
+    monkeypatch.setattr(int4, "PDL", False)  # SCORER_PDL=0: the plain launch
+    assert int4._Launch(Fn(), (5,), 256, [np.int32(3)], pdl=True).ex is None
+
+
+def test_kernels_launched_with_pdl_wait_before_touching_memory():
+    """The host launches int4_stage_x, int4_gemv and int4_gemv_fix with PDL (_gemv_plan): each must call
+    pdl_wait() before it reads another kernel's output or writes anything (int4.cu's PDL comment); gemv
+    in each of its rings, ahead of the first x fetch."""
+    import re
+
+    src = int4.SOURCE.read_text()
+    heads = list(re.finditer(r"__global__ void (?:__launch_bounds__\([^)]*\)\s*)?(int4_\w+)\(", src))
+    body = {h.group(1): src[h.start():(heads[i + 1].start() if i + 1 < len(heads) else len(src))]
+            for i, h in enumerate(heads)}
+    assert {"int4_stage_x", "int4_gemv", "int4_gemv_fix", "int4_dequant"} <= set(body), sorted(body)
+    stage, fix, gemv = body["int4_stage_x"], body["int4_gemv_fix"], body["int4_gemv"]
+    assert stage.index("pdl_wait();") < stage.index("ld_v4(") < stage.index("st_v4(")
+    assert fix.index("pdl_wait();") < fix.index("sum_pieces<")
+    rings = [gemv.index(mark) for mark in ("if constexpr (RING == 0)", "else if constexpr (RING == 2)",
+                                           "// ---- ring of S tiles per warp in shared memory")]
+    waits = [m.start() for m in re.finditer(r"pdl_wait\(\);", gemv)]
+    fetches = [gemv.index("fetch(wb[d], xb[d]);", rings[0]), gemv.index("load_x();", rings[1]),
+               gemv.index("issue_burst(bu * T);", rings[2])]
+    for ring, first in zip(rings, fetches):
+        assert any(ring < w < first for w in waits), (ring, first)
+    assert "pdl_wait" not in body["int4_dequant"], "kernels launched plainly need no wait"
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 15, 16])
 def test_gemv_pieces_round_trip_the_c_fragments(m):
     """gemv's flush and int4_gemv_fix replayed: each lane's C fragments stored at row pair p = 4 mt + t as
