@@ -605,7 +605,11 @@ __global__ void int4_stage_x(const u16* __restrict__ x, const int* __restrict__ 
 // completing on that stage's mbarrier; x fragments come from L1/L2 in registers, loaded before the stage's
 // wait. On the H200 it streams large layers 10-25% faster than ring 1 and small ones about as fast
 // (gemv_sweep.py), so the host times both on each layer shape once and keeps the faster
-// (scorer.kernels.int4.gemv_ring).
+// (scorer.kernels.int4.gemv_ring). Measured and not kept (RESULTS.md, thirteenth session): rings past the
+// 48 KB static limit in dynamic shared memory with 2-4 blocks a SM (slower: more warps, not deeper rings,
+// feed this stream), tiles interleaved across warps so the wave reads as a sweep (no faster), a block's
+// warps on one k range so x comes from L1 (slower), and the zero point taken out of the dequant (~25%
+// fewer instructions, no faster: the stream is not issue-bound).
 #ifndef GEMV_S3
 #define GEMV_S3 2  // bulk-copy ring: stages per warp, m <= 8 (4 warps x 2 x 8 x 512 B = 32 KB a block)
 #endif
