@@ -594,7 +594,15 @@ class _Launch:
         self.cfg.hStream = stream
         err = self.ex(self.cfg, self.f, self.params_ptr, None)
         if err:
-            raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {err}")
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():  # the capture is broken
+                raise RuntimeError(f"cuLaunchKernelEx (programmatic dependent launch) failed with CUresult {err} "
+                                   "during a CUDA graph capture; SCORER_PDL=0 launches gemv's kernels plainly")
+            if _cu_launch_ex[:1] != [None]:  # the first refusal: warn once, and plan no more PDL launches
+                log.warning("cuLaunchKernelEx (programmatic dependent launch) failed with CUresult %d; gemv's "
+                            "launches fall back to plain ones (SCORER_PDL=0 skips the attempt)", err)
+                _cu_launch_ex[:] = [None]
+            self.ex = None
+            _driver().launchKernel(self.f, *self.grid, self.block, 1, 1, 0, stream, self.params_ptr, 0)
 
 
 def _launch_types():

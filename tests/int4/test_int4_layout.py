@@ -407,7 +407,7 @@ def test_launch_packs_kernel_params_once_and_rewrites_only_its_slots():
                     ((0xF00D, 9, 2, 1, 128, 1, 1, 0, 78), 0, [2**47 + 16, 2**40 + 3, -7, 2**45 + 64, 2**31 - 1])]
 
 
-def test_pdl_launch_fills_cuLaunchKernelEx_config_as_the_driver_reads_it(monkeypatch):
+def test_pdl_launch_fills_cuLaunchKernelEx_config_as_the_driver_reads_it(monkeypatch, caplog):
     """A pdl launch goes through cuLaunchKernelEx: CUlaunchConfig and CUlaunchAttribute laid out as cuda.h
     (x86-64: attribute 72 bytes, value at 8; config 56 bytes, stream at 32, attrs at 40, count at 48), the
     programmatic stream-serialization attribute (id 6) set to 1, the packed params, this call's stream."""
@@ -437,6 +437,25 @@ def test_pdl_launch_fills_cuLaunchKernelEx_config_as_the_driver_reads_it(monkeyp
     assert seen == [((5, 1, 1, 256, 1, 1, 0, 99, 1), (6, 1), 0xBEEF, None, 2**44)]
     monkeypatch.setattr(int4, "PDL", False)  # SCORER_PDL=0: the plain launch
     assert int4._Launch(Fn(), (5,), 256, [np.int32(3)], pdl=True).ex is None
+    # a driver that refuses the launch (outside a capture): a warning, then this launch goes out plainly
+    monkeypatch.setattr(int4, "PDL", True)
+    monkeypatch.setattr(int4, "_cu_launch_ex", [lambda *a: 801])  # CUDA_ERROR_NOT_SUPPORTED
+    plain = []
+
+    class Driver:
+        @staticmethod
+        def launchKernel(*a):
+            plain.append(a[:9])
+
+    monkeypatch.setattr(int4, "_cupy_driver", Driver)
+    refused = int4._Launch(Fn(), (5,), 256, [int4._Slot("y")], pdl=True)
+    with caplog.at_level("WARNING", logger=int4.__name__):
+        refused(7, y=16)
+    assert plain == [(0xBEEF, 5, 1, 1, 256, 1, 1, 0, 7)] and refused.ex is None
+    assert caplog.text.count("SCORER_PDL=0") == 1
+    assert int4._launch_ex() is None, "later plans launch plainly"
+    refused(8, y=32)  # now plain at once
+    assert plain[-1] == (0xBEEF, 5, 1, 1, 256, 1, 1, 0, 8) and caplog.text.count("SCORER_PDL=0") == 1
 
 
 def test_kernels_launched_with_pdl_wait_before_touching_memory():
