@@ -223,8 +223,11 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 // stream-serialization attribute (scorer.kernels.int4._Launch, pdl=True), so each may start before the
 // kernel ahead of it in the stream has finished. pdl_wait() blocks until that kernel has completed and its
 // writes are visible: a kernel calls it before reading anything another kernel writes and before writing
-// anything at all. pdl_launch() lets the next such launch start now (its blocks then take SMs as they
-// free up and wait in their own pdl_wait). Under a plain launch both are no-ops.
+// anything at all. gemv alone reads before it (its codes, scales and zeros, to start its stream early), so
+// the host launches gemv so only behind int4_stage_x, whose own pdl_wait comes first: by the time gemv may
+// start, every kernel ahead of the gather has completed. pdl_launch() lets the next such launch start now
+// (its blocks then take SMs as they free up and wait in their own pdl_wait). Under a plain launch both are
+// no-ops.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

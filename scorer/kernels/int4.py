@@ -564,7 +564,7 @@ class _Launch:
     conversion (~10 us of host time a launch, which is what a short batch of a 4-bit model waits on).
     pdl: launch with programmatic stream serialization (cuLaunchKernelEx), so the kernel may start while
     the one ahead of it in the stream finishes; only kernels that call int4.cu's pdl_wait() before touching
-    other kernels' memory may be launched so (gemv's three: stage_x, gemv, its fix-up)."""
+    other kernels' memory may be launched so (stage_x and gemv's fix-up; gemv itself behind stage_x)."""
 
     def __init__(self, fn, grid: tuple[int, ...], block: int, args: list, pdl: bool = False) -> None:
         import ctypes
@@ -694,7 +694,10 @@ def _gemv_plan(w: Int4Weight, m: int, ring: int) -> _GemvPlan:
     base = s.buf.data_ptr()
     i32 = np.int32
     st = None
-    pdl = torch.cuda.get_device_capability(dev) >= (9, 0)  # griddepcontrol: sm_90+
+    # griddepcontrol needs sm_90. gemv reads its codes, scales and zeros before its pdl_wait, so it starts
+    # early only behind stage_x, which waited for every kernel ahead before letting gemv go; the fix-up and
+    # stage_x wait before touching any memory, so they may follow anything.
+    pdl = torch.cuda.get_device_capability(dev) >= (9, 0)
     if stage:  # x with rows Kp apart and zeros past K, columns gathered under act-order
         st = _Launch(_kernel(dev.index, "int4_stage_x"), _stage_grid(m, kp), _STAGE_BLOCK,
                      [_Slot("x"), _ptr(w.perm), np.uint64(base), i32(w.k), i32(kp)], pdl)
@@ -703,7 +706,7 @@ def _gemv_plan(w: Int4Weight, m: int, ring: int) -> _GemvPlan:
     main = _Launch(_kernel(dev.index, f"int4_gemv<{_DT[w.dtype]}, {mt_of(m)}, {ring}>"), (-(-warps // GEMV_WARPS),),
                    32 * GEMV_WARPS, [x, _ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(w.bias), _Slot("y"),
                                      ws, i32(m), i32(kp), i32(w.n), i32(np_), i32(kt), i32(w.n_groups),
-                                     i32(w.group16), i32(chunk), i32(pmax)], pdl)
+                                     i32(w.group16), i32(chunk), i32(pmax)], pdl and st is not None)
     fix_threads = gemv_fix_threads(nbk, m)
     fix = _Launch(_kernel(dev.index, f"int4_gemv_fix<{_DT[w.dtype]}, {mt_of(m)}, {gemv_fix_depth(pmax)}>"),
                   (-(-fix_threads // 256),), 256,
