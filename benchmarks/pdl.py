@@ -4,9 +4,10 @@
 
 A 4-bit call at m <= 16 is two or three launches: act-order's gather of x (int4_stage_x), the stream
 (int4_gemv) and its split-K fix-up (int4_gemv_fix). In a CUDA graph each waits for the one ahead to
-finish before it starts. With PDL (scorer.kernels.int4.PDL, sm_90+) each may start early: gemv's blocks
-begin streaming the codes while the gather is still running, and the fix-up's blocks take SMs as gemv's
-leave; each waits (griddepcontrol.wait) only before it touches the kernel ahead's output. This times
+finish before it starts. With PDL (scorer.kernels.int4.PDL, sm_90+) the gather and the fix-up, and gemv
+behind the gather, may start early: gemv's blocks begin streaming the codes while the gather is still
+running, and the fix-up's blocks take SMs as gemv's leave; each waits (griddepcontrol.wait) only before
+it touches the kernel ahead's output. (Without a gather, static groups, gemv is launched plainly.) This times
 int4.matmul both ways on the Llama layer shapes, act-order and static groups, CUDA-graph replays over
 rotated weights (int4.py's gpu_time), and checks that both give the same bits, eagerly and replayed.
 """

@@ -622,11 +622,9 @@ def _launch_types():
 
 _LaunchAttr, _LaunchConfig = _launch_types()
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-PDL = os.environ.get("SCORER_PDL", "1") != "0"  # gemv's launches overlap (sm_90+); SCORER_PDL=0 turns it off
-_cu_launch_ex: list = []
-
-
 _PDL_DRIVER = 12030  # CUDA 12.3: the first driver whose stream capture takes programmatic launches into a graph
+PDL = os.environ.get("SCORER_PDL", "1") != "0"  # gemv's launches overlap (sm_90+); SCORER_PDL=0 turns it off
+_cu_launch_ex: list = []  # [cuLaunchKernelEx or None], looked up once
 
 
 def _launch_ex():
