@@ -588,12 +588,11 @@ class _Launch:
     def __call__(self, stream: int, **ptrs: int) -> None:
         for name, ptr in ptrs.items():
             self.vals[self.slots[name]].value = ptr
-        if self.ex is None:
-            _driver().launchKernel(self.f, *self.grid, self.block, 1, 1, 0, stream, self.params_ptr, 0)
-            return
-        self.cfg.hStream = stream
-        err = self.ex(self.cfg, self.f, self.params_ptr, None)
-        if err:
+        if self.ex is not None:
+            self.cfg.hStream = stream
+            err = self.ex(self.cfg, self.f, self.params_ptr, None)
+            if not err:
+                return
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():  # the capture is broken
                 raise RuntimeError(f"cuLaunchKernelEx (programmatic dependent launch) failed with CUresult {err} "
                                    "during a CUDA graph capture; SCORER_PDL=0 launches gemv's kernels plainly")
@@ -601,8 +600,8 @@ class _Launch:
                 log.warning("cuLaunchKernelEx (programmatic dependent launch) failed with CUresult %d; gemv's "
                             "launches fall back to plain ones (SCORER_PDL=0 skips the attempt)", err)
                 _cu_launch_ex[:] = [None]
-            self.ex = None
-            _driver().launchKernel(self.f, *self.grid, self.block, 1, 1, 0, stream, self.params_ptr, 0)
+            self.ex = None  # this launch goes out plainly, now and from now on
+        _driver().launchKernel(self.f, *self.grid, self.block, 1, 1, 0, stream, self.params_ptr, 0)
 
 
 def _launch_types():
