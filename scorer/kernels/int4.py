@@ -27,6 +27,7 @@ layers share the scratch, which stream order makes safe.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import logging
 import os
 import statistics
@@ -567,8 +568,6 @@ class _Launch:
     other kernels' memory may be launched so (stage_x and gemv's fix-up; gemv itself behind stage_x)."""
 
     def __init__(self, fn, grid: tuple[int, ...], block: int, args: list, pdl: bool = False) -> None:
-        import ctypes
-
         import numpy as np
 
         self.f = (fn.kernel if hasattr(fn, "kernel") else fn).ptr  # RawKernel -> its Function's CUfunction
@@ -604,22 +603,15 @@ class _Launch:
         _driver().launchKernel(self.f, *self.grid, self.block, 1, 1, 0, stream, self.params_ptr, 0)
 
 
-def _launch_types():
-    import ctypes
-
-    class LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: id, padding to 8 bytes, a 64-byte value union
-        _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint32 * 16)]
-
-    class LaunchConfig(ctypes.Structure):  # CUlaunchConfig
-        _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
-                    ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
-                    ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
-                    ("attrs", ctypes.POINTER(LaunchAttr)), ("numAttrs", ctypes.c_uint)]
-
-    return LaunchAttr, LaunchConfig
+class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: id, padding to 8 bytes, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint32 * 16)]
 
 
-_LaunchAttr, _LaunchConfig = _launch_types()
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttr)), ("numAttrs", ctypes.c_uint)]
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 _PDL_DRIVER = 12030  # CUDA 12.3: the first driver whose stream capture takes programmatic launches into a graph
 PDL = os.environ.get("SCORER_PDL", "1") != "0"  # gemv's launches overlap (sm_90+); SCORER_PDL=0 turns it off
@@ -631,8 +623,6 @@ def _launch_ex():
     if not PDL:
         return None
     if not _cu_launch_ex:
-        import ctypes
-
         fn = None
         try:
             lib = ctypes.CDLL("libcuda.so.1")
