@@ -15,7 +15,6 @@ rotated weights (int4.py's gpu_time), and checks that both give the same bits, e
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -27,11 +26,8 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
+import int4 as bench  # noqa: E402  (benchmarks/int4.py: gpu_time, quant_layer, rotated, as gemv_sweep.py uses it)
 from scorer.kernels import int4  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("int4_bench", HERE / "int4.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
 
 
 def set_pdl(on: bool, weights) -> None:
