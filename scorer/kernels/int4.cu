@@ -615,8 +615,8 @@ __global__ void int4_stage_x(const u16* __restrict__ x, const int* __restrict__ 
 // fewer instructions, no faster: the stream is not issue-bound). Fourteenth session: a chunk a block of 4
 // warps, one wgmma.m64nNk16 (sm_90a, A from registers: warp w dequantizes word w) a tile, x in shared
 // memory. Correct and bit-identical to ring 1 where the pieces coincide, but 1.2-2.1x slower, and 2.3x
-// slower on the largest layer even with the wgmma left out: four lockstep warps a tile are 4 consumers a SM
-// where this ring has 16.
+// slower on the largest layer even with the wgmma left out: four lockstep warps on one tile repeat its
+// bookkeeping and add a block barrier a stage: several times this ring's instructions a tile.
 #ifndef GEMV_S3
 #define GEMV_S3 2  // bulk-copy ring: stages per warp, m <= 8 (4 warps x 2 x 8 x 512 B = 32 KB a block)
 #endif
