@@ -494,7 +494,7 @@ def dequant(w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
     _, np_ = padded(w.k, w.n)
     args = (_ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(out), np.int32(w.k), np.int32(w.n),
             np.int32(np_), np.int32(kt), np.int32(w.n_groups), np.int32(w.group16))
-    fn((nbk, -(-kt // 8)), (256,), args, stream=_stream(dev))
+    fn((-(-kt // 8), nbk), (256,), args, stream=_stream(dev))  # k-major: blockIdx.x is the row block of 128
     return out
 
 
