@@ -490,12 +490,12 @@ def dequant(w: Int4Weight, out: torch.Tensor) -> torch.Tensor:
     _check_out(out, (w.n, w.k), w, "dequant out")
     dev = w.qweight.device
     nbk, kt = w.qweight.shape[:2]
+    if nbk > 65535:  # the grid's y dimension
+        raise ValueError(f"dequant: N={w.n} is more than 65535 column blocks of 64, the most int4_dequant's grid holds")
     fn = _kernel(dev.index, f"int4_dequant<{_DT[w.dtype]}>")
     _, np_ = padded(w.k, w.n)
     args = (_ptr(w.qweight), _ptr(w.scales), _ptr(w.qzeros), _ptr(out), np.int32(w.k), np.int32(w.n),
             np.int32(np_), np.int32(kt), np.int32(w.n_groups), np.int32(w.group16))
-    if nbk > 65535:  # the grid's y dimension
-        raise ValueError(f"dequant: N={w.n} is more than 65535 column blocks of 64, the most int4_dequant's grid holds")
     fn((-(-kt // 8), nbk), (256,), args, stream=_stream(dev))  # k-major: blockIdx.x is the row block of 128
     return out
 
