@@ -133,10 +133,13 @@ class Shard:
 
     @property
     def output_name(self) -> str:
-        """Deterministic output file name: readable stem + hash of the relative path."""
+        """Deterministic output file name: readable stem + hash of the relative path. The stem never starts
+        with `_` or `.` (an input named `été.parquet`, `#1.parquet` or `_x.parquet` would otherwise give one),
+        since dataset readers skip such files: the rows would be committed and invisible."""
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.rel.rsplit("/", 1)[-1])
         for suf in PARQUET_SUFFIXES:
             stem = stem[: -len(suf)] if stem.endswith(suf) else stem
+        stem = stem.lstrip("_.") or "shard"
         digest = hashlib.sha256(self.rel.encode()).hexdigest()[:10]
         return f"{stem[:60]}-{digest}.parquet"
 

@@ -43,6 +43,16 @@ def test_listing_file_folder_glob_hive(tmp_path):
     assert lake.list_shards(loc)[0].output_name == shards[0].output_name
 
 
+@pytest.mark.parametrize("rel,stem", [("part-000.parquet", "part-000"), ("dt=1/a b.parquet", "a_b"),
+                                      ("été.parquet", "t_"), ("#1.parquet", "1"), ("_x.parquet", "x"),
+                                      (".x.pq", "x"), ("数据.parquet", "shard"), ("__.parquet", "shard")])
+def test_output_names_are_never_hidden_from_readers(rel, stem):
+    """Dataset readers skip files whose names start with `_` or `.`: an output named so would hold committed
+    rows that nobody sees. The stem drops such leading characters (the hash keeps names distinct)."""
+    name = lake.Shard(uri=f"/in/{rel}", path=f"/in/{rel}", rel=rel, size=1, mtime_ns=0).output_name
+    assert name.startswith(stem + "-") and name.endswith(".parquet") and len(name) == len(stem) + 19, name
+
+
 def test_iter_batches_bounded_in_order_with_partition_columns(tmp_path):
     root = tmp_path / "dt=2026-11-23"
     [t] = write_shards(root, [50], row_group_size=8)

@@ -244,6 +244,21 @@ def test_outputs_of_one_job_share_one_schema(ray_cluster, tiny_model, tmp_path, 
     assert "retrying" not in err
 
 
+def test_outputs_readers_would_skip_are_named_visibly(ray_cluster, tiny_model, tmp_path):
+    """An input named `été.parquet` used to give the output `_t_-<hash>.parquet`, which dataset readers
+    skip: its rows were committed and invisible."""
+    import pyarrow.dataset as ds
+
+    t = write_shards(tmp_path / "tmp", [10, 7])
+    (tmp_path / "in").mkdir()
+    pq.write_table(t[0], tmp_path / "in" / "part-000.parquet")
+    pq.write_table(t[1], tmp_path / "in" / "été.parquet")
+    f = write_jobs(tmp_path / "jobs.yaml", {"a": job(tiny_model, "in", "out")})
+    assert run_cli(f, date=DATE) == 0
+    part = tmp_path / "out" / f"dt={DATE}"
+    assert ds.dataset(str(part), format="parquet").to_table().num_rows == 17
+
+
 def test_outputs_of_shards_gone_from_the_input_are_retired(ray_cluster, tiny_model, tmp_path, capsys):
     """Upstream compacts two shards into one: the rerun scores the new shard and removes the two outputs
     whose input is gone, so the partition holds each row once; a failed run leaves them and says so."""
