@@ -575,7 +575,8 @@ def check_input(j: LoadedJob) -> None:
                             field=f"jobs.{j.name}.text", fix="name a string column, or a template such as \"{title}\\n\\n{body}\"")
     if j.text.is_column:
         t = schema.field(j.text.source).type
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)):
+        # null: an all-null column written untyped (pyarrow, pandas), whose rows score as null texts
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t) or pa.types.is_null(t)):
             raise SpecError(f"text column {j.text.source!r} is {t}, not a string", where=j.where["text"],
                             field=f"jobs.{j.name}.text",
                             fix=f"name a string column, or write text: \"{{{j.text.source}}}\" to format it as text")

@@ -204,6 +204,8 @@ class ShardWorker:
                 if table.num_rows == 0:
                     continue
                 texts = self.cfg.text.build(table)
+                if pa.types.is_null(texts.type):  # all-null, written untyped (pyarrow, pandas): null texts
+                    texts = texts.cast(pa.string())
                 if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type) or pa.types.is_string_view(texts.type)):
                     raise pa.ArrowTypeError(f"text column {self.cfg.text.source!r} is {texts.type}, not a string")
                 enc = self.scorer.encode(texts.to_pylist())

@@ -244,6 +244,22 @@ def test_outputs_of_one_job_share_one_schema(ray_cluster, tiny_model, tmp_path, 
     assert "retrying" not in err
 
 
+def test_an_all_null_text_column_scores_as_null_texts(ray_cluster, tiny_model, tmp_path):
+    """pyarrow and pandas write an all-None column with Parquet type null: its rows are null texts, scored
+    with error "null text" like those of a string column, not a shard refused as bad input."""
+    t = write_shards(tmp_path / "tmp", [6, 5])
+    (tmp_path / "in").mkdir()
+    pq.write_table(t[0].set_column(t[0].schema.get_field_index("text"), "text", pa.nulls(6)),
+                   tmp_path / "in" / "part-000.parquet")  # the first file: validation reads it
+    pq.write_table(t[1], tmp_path / "in" / "part-001.parquet")
+    assert pq.read_schema(tmp_path / "in" / "part-000.parquet").field("text").type == pa.null()
+    f = write_jobs(tmp_path / "jobs.yaml", {"a": job(tiny_model, "in", "out")})
+    assert run_cli(f, date=DATE) == 0
+    outs = _by_input(tmp_path / "out" / f"dt={DATE}")
+    assert outs["part-000.parquet"]["error"].to_pylist() == ["null text"] * 6
+    assert outs["part-001.parquet"].num_rows == 5
+
+
 def test_outputs_readers_would_skip_are_named_visibly(ray_cluster, tiny_model, tmp_path):
     """An input named `été.parquet` used to give the output `_t_-<hash>.parquet`, which dataset readers
     skip: its rows were committed and invisible."""
