@@ -40,6 +40,28 @@ _INPUT_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError
 _FOOTER_ERRORS = ("magic bytes", "deserialize thrift", "file footer", "parquet file size")
 
 
+def _round_trips(col: pa.ChunkedArray, out: pa.ChunkedArray) -> bool:
+    """Whether `out` (col cast to another type) holds col's values: cast back, the same values and nulls
+    (NaN equal to NaN). A null column converts to anything; a cast that has no way back (dictionary
+    encodings, say) compares the two decoded to text."""
+    if pa.types.is_null(col.type):
+        return True
+    try:
+        back = out.cast(col.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        try:
+            back, col = out.cast(pa.large_string()), col.cast(pa.large_string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            return False
+    if back.equals(col):
+        return True
+    if not pa.types.is_floating(col.type):
+        return False
+    values = pc.or_kleene(pc.equal(back, col), pc.and_(pc.is_nan(back), pc.is_nan(col)))  # null where a null is
+    same = pc.and_(pc.equal(pc.is_null(back), pc.is_null(col)), pc.fill_null(values, True))
+    return bool(pc.all(same).as_py())
+
+
 class ShardInputError(Exception):
     """The shard itself is bad (not Parquet, a missing column, a wrong type): retrying will not help."""
 
@@ -249,11 +271,16 @@ class ShardWorker:
         return table.cast(schema)
 
     def _conform(self, col: pa.ChunkedArray, want: pa.DataType, name: str) -> pa.ChunkedArray:
-        """A kept column in the job's output type (a safe cast: no value may change)."""
+        """A kept column in the job's output type (a safe cast: no value may change). Arrow's safe cast
+        refuses overflow and truncation but still parses "007" as 7, so the result is cast back and must
+        give the input again."""
         if col.type == want:
             return col
         try:
-            return col.cast(want)
+            out = col.cast(want)
+            if not _round_trips(col, out):
+                raise pa.ArrowInvalid("some values would change (cast back, they differ from the input's)")
+            return out
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             where = self.cfg.keep_types_from or "the job's first input file"

@@ -244,6 +244,26 @@ def test_outputs_of_one_job_share_one_schema(ray_cluster, tiny_model, tmp_path, 
     assert "retrying" not in err
 
 
+def test_a_cast_that_would_change_ids_fails_its_shard(ray_cluster, tiny_model, tmp_path, capsys):
+    """Arrow's safe cast parses the string "007" as the integer 7: kept columns cast to the first file's
+    types must give their input back, or "007" and "7" would be committed as one id. Ids that do convert
+    exactly ("7" -> 7) are written in the job's type."""
+    t = write_shards(tmp_path / "tmp", [4, 4, 4])
+    (tmp_path / "in").mkdir()
+    pq.write_table(t[0].set_column(0, "id", pa.array([1, 2, 3, 4], pa.int64())), tmp_path / "in" / "part-000.parquet")
+    pq.write_table(t[1].set_column(0, "id", pa.array(["007", "7", "0010", "10"])), tmp_path / "in" / "part-001.parquet")
+    pq.write_table(t[2].set_column(0, "id", pa.array(["5", "6", None, "8"])), tmp_path / "in" / "part-002.parquet")
+    f = write_jobs(tmp_path / "jobs.yaml", {"a": job(tiny_model, "in", "out", runtime={"workers": 1, "max_attempts": 2})})
+    assert run_cli(f, date=DATE) == 3
+    outs = _by_input(tmp_path / "out" / f"dt={DATE}")
+    assert sorted(outs) == ["part-000.parquet", "part-002.parquet"]
+    assert outs["part-002.parquet"]["id"].to_pylist() == [5, 6, None, 8]
+    out, _ = capsys.readouterr()
+    bad = str(tmp_path / "in" / "part-001.parquet")
+    assert f"FAILED a: {bad}: bad input (ArrowInvalid): column 'id' is string in this file but int64 in " in out
+    assert "some values would change" in out
+
+
 def test_an_all_null_text_column_scores_as_null_texts(ray_cluster, tiny_model, tmp_path):
     """pyarrow and pandas write an all-None column with Parquet type null: its rows are null texts, scored
     with error "null text" like those of a string column, not a shard refused as bad input."""
