@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from scorer.jobs import lake
-from scorer.jobs.spec import LoadedJob
+from scorer.jobs.spec import LoadedJob, SpecError
 
 __all__ = ["ShardPlan", "JobPlan", "plan_job", "cluster_gpus", "model_key", "estimate"]
 
@@ -165,6 +165,18 @@ def _local_gpus() -> int:
         return 0
 
 
+def _refuse_name_clash(j: LoadedJob, s: lake.Shard, name: str, entry: dict[str, Any] | None) -> None:
+    """SpecError when the partition's output `name` is another job's output of another file: jobs of two
+    jobs files writing one partition, with inputs of the same relative path (output names hash that path
+    only). Writing it would replace the other job's rows. The same job under a new input root, or a job
+    renamed over the same inputs, is not a clash."""
+    if entry is None or entry.get("job") in (None, j.name) or entry.get("input") in (None, s.uri):
+        return
+    raise SpecError(f"{name} in {j.partition.uri} is job {entry['job']!r}'s output of {entry['input']}; this job's "
+                    f"output of {s.uri} has the same name and would replace it", where=j.where["output"],
+                    field=f"jobs.{j.name}.output", fix="give each job its own output folder or partition")
+
+
 def plan_job(j: LoadedJob, *, force: bool = False, gpu: bool | None = None) -> JobPlan:
     """The job's shards, done or to do, for a run on GPU workers (gpu) or CPU ones; None: the workers
     `runtime.device` picks on `cluster_gpus()` (asked only where it decides the fingerprint: device auto
@@ -182,6 +194,7 @@ def plan_job(j: LoadedJob, *, force: bool = False, gpu: bool | None = None) -> J
         name = s.output_name
         fp = shard_fingerprint(s, mkey, settings)
         entry = manifest.get(name)
+        _refuse_name_clash(j, s, name, entry)
         done = (not force and entry is not None and entry.get("fingerprint") == fp
                 and present.get(name) == entry.get("bytes"))
         plans.append(ShardPlan(s, name, fp, done, entry if done else None, entry.get("rows") if done and entry else None))

@@ -295,6 +295,25 @@ def test_outputs_readers_would_skip_are_named_visibly(ray_cluster, tiny_model, t
     assert ds.dataset(str(part), format="parquet").to_table().num_rows == 17
 
 
+def test_two_jobs_files_never_replace_each_others_outputs(ray_cluster, tiny_model, tmp_path, capsys):
+    """Output names hash the input's path below its root, so jobs of two jobs files writing one partition
+    from inputs of the same file names would write the same names: the second is refused before it runs,
+    naming the clash and the fix, and the first job's rows stay."""
+    write_shards(tmp_path / "in_a", [10])
+    write_shards(tmp_path / "in_b", [7])
+    fa = write_jobs(tmp_path / "a.yaml", {"a": job(tiny_model, "in_a", "out")})
+    fb = write_jobs(tmp_path / "b.yaml", {"b": job(tiny_model, "in_b", "out")})
+    assert run_cli(fa, date=DATE) == 0
+    capsys.readouterr()
+    assert run_cli(fb, date=DATE) == 2
+    _, err = capsys.readouterr()
+    assert "jobs.b.output: part-000-" in err and "is job 'a''s output of " + str(tmp_path / "in_a" / "part-000.parquet") in err
+    assert "fix: give each job its own output folder or partition" in err
+    outs = _by_input(tmp_path / "out" / f"dt={DATE}")
+    assert list(outs) == ["part-000.parquet"] and outs["part-000.parquet"].num_rows == 10
+    assert run_cli(fa, date=DATE) == 0  # job a itself still runs (everything done)
+
+
 def test_outputs_of_shards_gone_from_the_input_are_retired(ray_cluster, tiny_model, tmp_path, capsys):
     """Upstream compacts two shards into one: the rerun scores the new shard and removes the two outputs
     whose input is gone, so the partition holds each row once; a failed run leaves them and says so."""
