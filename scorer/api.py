@@ -290,6 +290,8 @@ class Scorer:
                 error[i] = f"not a string ({type(t).__name__})"
             elif not t.strip():
                 error[i] = "empty text"
+            elif not t.isascii() and not _encodable(t):
+                error[i] = "not valid Unicode (a lone surrogate)"
             else:
                 todo.append(i)
         if todo:
@@ -561,6 +563,16 @@ class Scorer:
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self.cfg.path, self.settings.scored())
         return self._fingerprint
+
+
+def _encodable(t: str) -> bool:
+    """Whether t is valid Unicode: a lone surrogate (half of an emoji a JSON string was cut through) cannot be
+    tokenized, and would fail the whole batch."""
+    try:
+        t.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _as_list(texts: Any) -> list:

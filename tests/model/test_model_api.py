@@ -34,6 +34,15 @@ def test_every_input_gets_one_row_with_error_or_truncation(clf):
     assert abs(sum(t["probs"][3].as_py()) - 1) < 1e-5
 
 
+def test_a_lone_surrogate_is_an_error_row_not_a_failed_batch(clf):
+    """Half of an emoji (what a JSON string cut mid-pair decodes to) cannot be tokenized: it failed the whole
+    call, every row with it."""
+    broken = json.loads('"cut emoji \\ud83d"')
+    t = clf.score(["first text", broken, "third text"])
+    assert t["error"].to_pylist() == [None, "not valid Unicode (a lone surrogate)", None]
+    assert t["label"].to_pylist()[0] == clf.score(["first text"])["label"].to_pylist()[0]
+
+
 def test_no_valid_rows_and_no_rows(clf):
     t = clf.score([None, " "])
     assert t.num_rows == 2 and t["label"].null_count == 2 and clf.last_stats.batches == 0
