@@ -54,7 +54,14 @@ def compile_filter(src: str) -> tuple[pc.Expression, list[str]]:
     except SyntaxError as e:
         raise FilterError(f"filter {src!r} is not an expression: {e.msg} at column {e.offset}") from None
     cols: list[str] = []
-    expr = _Compiler(src, cols).visit(tree.body)
+    try:
+        expr = _Compiler(src, cols).visit(tree.body)
+    except FilterError:
+        raise
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError, OverflowError,
+            RecursionError) as e:  # pyarrow refusing the expression it was asked to build
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FilterError(f"filter {src!r} does not compile: {first}") from None
     if not isinstance(expr, pc.Expression):
         raise FilterError(f"filter {src!r} is a constant, not a condition on columns")
     return expr, cols

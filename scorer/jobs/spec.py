@@ -328,6 +328,11 @@ def _apply_sets(data: dict, sets: list[str], lines: _Lines) -> None:
             raise SpecError(f"--set {item!r} is not key=value", fix="write e.g. --set batching.max_rows=64")
         parts = tuple(key.split("."))
         value = _parse_set_value(raw)
+        jobs = data.get("jobs") if isinstance(data.get("jobs"), dict) else {}
+        if parts[0] == "jobs" and len(parts) > 2 and parts[1] not in jobs:  # a typo would invent a job
+            near = difflib.get_close_matches(parts[1], list(jobs), n=1)
+            raise SpecError(f"--set {key}: no job named {parts[1]!r} (jobs: {', '.join(jobs) or 'none'})",
+                            fix=f"write jobs.{near[0] if near else '<job>'}.{'.'.join(parts[2:])}")
         if parts[0] in ("jobs", "defaults", "version"):
             targets = [parts]
         else:  # a job field: every job
@@ -396,9 +401,13 @@ def load(jobs_file: str | Path, *, jobs: list[str] = (), sets: list[str] = (), d
     path = Path(jobs_file)
     source = str(jobs_file)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError(f"cannot read the file: {e.strerror}", where=source, fix="give the path of a jobs.yaml") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise SpecError(f"not UTF-8 text (byte {e.object[e.start]:#04x})", where=f"{source}:{line}",
+                        fix="save the file as UTF-8") from None
     data, lines = _compose(text, source)
     if not isinstance(data, dict):
         raise SpecError("the top level must be a mapping with a `jobs:` key", where=f"{source}:1",
@@ -468,6 +477,14 @@ def _resolve(name: str, job: Job, base: Path, date: str, lines: _Lines) -> Loade
     if ".." in partition.split("/") or partition.startswith("/"):
         raise SpecError(f"partition {partition!r} must stay below the output URI", where=w("output", "partition"),
                         field=f"jobs.{name}.output.partition", fix='use e.g. "dt={date}"')
+    if "{" in partition or "}" in partition:
+        raise SpecError(f"partition {job.output.partition!r} has a placeholder other than {{date}}",
+                        where=w("output", "partition"), field=f"jobs.{name}.output.partition", fix='use e.g. "dt={date}"')
+    hidden = [seg for seg in partition.split("/") if seg[:1] in ("_", ".")]
+    if hidden:  # dataset readers skip such folders, and every output file in them
+        raise SpecError(f"partition {partition!r} has a folder {hidden[0]!r} that Parquet dataset readers skip",
+                        where=w("output", "partition"), field=f"jobs.{name}.output.partition",
+                        fix="start each folder of the partition with a letter or digit")
     keys = {seg.split("=", 1)[0] for seg in partition.split("/") if "=" in seg}
     for col in job.id + job.passthrough:
         if col in keys:
@@ -487,7 +504,7 @@ def _resolve(name: str, job: Job, base: Path, date: str, lines: _Lines) -> Loade
         input=lake.resolve(fmt(job.input), storage, base=base),
         partition=out_root.child(partition),
         where={f: w(*f.split(".")) for f in ("model", "input", "text", "id", "passthrough", "filter", "output", "task",
-                                              "runtime.device", "labels.dimensions")},
+                                              "runtime.device", "labels.dimensions", "batching.max_length")},
     )
 
 
@@ -526,9 +543,15 @@ def check_model(j: LoadedJob) -> None:
     try:
         from tokenizers import Tokenizer
 
-        Tokenizer.from_file(str(tok))
+        tokenizer = Tokenizer.from_file(str(tok))
     except Exception as e:  # noqa: BLE001 - any parse failure is the same user error
         raise SpecError(f"{tok} does not load: {e}", where=where, field=fld, fix="re-save the tokenizer") from None
+    max_length = j.job.batching.max_length
+    special = tokenizer.num_special_tokens_to_add(is_pair=False)
+    if max_length is not None and max_length <= special:  # every worker's Scorer would refuse it
+        raise SpecError(f"max_length {max_length} leaves no room beside the {special} special token(s) of {tok}",
+                        where=j.where["batching.max_length"], field=f"jobs.{j.name}.batching.max_length",
+                        fix=f"use max_length > {special}")
     if not {"model.safetensors", "model.safetensors.index.json"} & set(lake.model_files(j.model)):
         raise SpecError(f"{j.model.uri} has no model.safetensors (or model.safetensors.index.json)", where=where, field=fld,
                         fix="save the weights as safetensors (save_pretrained(dir, safe_serialization=True))")

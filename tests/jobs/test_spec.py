@@ -125,6 +125,16 @@ def test_schema_errors_name_line_field_and_fix(lake, tiny_model, edit, line, fie
         ({"output": {"uri": "out", "partition": "../x"}}, "jobs.a.output.partition", "must stay below"),
         ({"labels": {"dimensions": 1000}}, "jobs.a.labels.dimensions", "more than the model's hidden size 64"),
         ({"passthrough": ["lang", "dt"]}, "jobs.a.passthrough", "also a key of the output partition"),
+        # pyarrow refusing what the filter asks of it: each was a traceback (exit 1)
+        ({"filter": 'lang in ["en", 1]'}, "jobs.a.filter", "does not compile: Expected bytes"),
+        ({"filter": 'len("abc") > 2'}, "jobs.a.filter", "does not compile"),
+        ({"filter": "n > 99999999999999999999999"}, "jobs.a.filter", "does not compile"),
+        ({"filter": "not " * 2000 + 'lang == "en"'}, "jobs.a.filter", "does not compile"),
+        ({"output": {"uri": "out", "partition": "dt={dat}"}}, "jobs.a.output.partition", "placeholder other than {date}"),
+        ({"output": {"uri": "out", "partition": "_staging/dt={date}"}}, "jobs.a.output.partition",
+         "folder '_staging' that Parquet dataset readers skip"),
+        # every worker's Scorer would refuse it, after Ray started: exit 3 instead of 2
+        ({"batching": {"max_length": 1}}, "jobs.a.batching.max_length", "leaves no room beside the 1 special token"),
     ],
 )
 def test_lake_checks(lake, tiny_model, override, field, words):
@@ -208,6 +218,24 @@ def test_secrets_are_not_part_of_the_schema(lake, tiny_model):
     f = write_jobs(lake / "jobs.yaml", {"a": job(tiny_model, "in", "out", storage={"endpoint": "http://x", "secret_key": "s"})})
     code, out = validate(str(f))
     assert code == 2 and "unknown key 'secret_key'" in out and "remove it" in out
+
+
+def test_a_jobs_file_that_is_not_utf8(lake, tiny_model):
+    f = lake / "jobs.yaml"
+    f.write_bytes(f"jobs:\n  a:\n    model: {tiny_model}\n    input: in\n    id: id\n    output: out  # caf\xe9\n"
+                  .encode("latin-1"))
+    code, out = validate(str(f))
+    assert code == 2 and one_error(out).startswith(f"error: {f}:6: not UTF-8 text (byte 0xe9)"), out
+    assert "fix: save the file as UTF-8" in out
+
+
+def test_set_of_a_job_that_is_not_there(lake, tiny_model):
+    """--set jobs.<typo>.field=... used to invent a job, then report that job's missing model."""
+    f = write_jobs(lake / "jobs.yaml", {"reviews": job(tiny_model, "in", "out")})
+    code, out = validate(str(f), "--set", "jobs.revews.batching.max_rows=64")
+    assert code == 2, out
+    msg = one_error(out)
+    assert "no job named 'revews' (jobs: reviews)" in msg and "fix: write jobs.reviews.batching.max_rows" in msg, msg
 
 
 def test_filter_and_template_compile():
