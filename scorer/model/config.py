@@ -103,8 +103,8 @@ class LlamaConfig:
         if not file.is_file():
             raise ConfigError(f"{file}: not found; a model directory needs the Hugging Face config.json.")
         try:
-            d = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            d = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{file}: not readable JSON ({e}).") from e
         if not isinstance(d, dict):
             raise ConfigError(f"{file}: the top level must be a JSON object of the model's fields, not "
@@ -130,6 +130,11 @@ class LlamaConfig:
         hidden = r.req("hidden_size", int)
         heads = r.req("num_attention_heads", int)
         kv_heads = r.get("num_key_value_heads", int, heads)
+        for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "vocab_size",
+                    "intermediate_size", "max_position_embeddings", "head_dim"):
+            v = d.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+                raise ConfigError(f"{src}: key {key!r} is {v}; it must be a positive integer.")
         if heads % kv_heads:
             raise ConfigError(f"{src}: key 'num_key_value_heads' ({kv_heads}) must divide num_attention_heads ({heads}).")
         head_dim = r.get("head_dim", int, None) or hidden // heads
@@ -242,7 +247,7 @@ def _rope(d: dict[str, Any], src: str) -> tuple[float, RopeScaling | None]:
         if "full_attention" in params and isinstance(params["full_attention"], dict):  # per-layer-type form
             params = params["full_attention"]
         theta = params.get("rope_theta", theta)
-    theta = 10000.0 if theta is None else float(theta)
+    theta = 10000.0 if theta is None else _number(theta, "rope_theta", src)
     if not params:
         return theta, None
     kind = params.get("rope_type", params.get("type", "default"))
@@ -251,21 +256,31 @@ def _rope(d: dict[str, Any], src: str) -> tuple[float, RopeScaling | None]:
     if kind not in ROPE_KINDS:
         raise ConfigError(f"{src}: key '{key}.rope_type' is {kind!r}; scorer supports default, {', '.join(ROPE_KINDS)}.")
 
-    def need(name: str) -> Any:
+    def need(name: str) -> float:
         if params.get(name) is None:
             raise ConfigError(f"{src}: key '{key}.{name}' is missing; rope type {kind!r} needs it.")
-        return params[name]
+        return _number(params[name], f"{key}.{name}", src)
 
-    factor = float(need("factor"))
+    factor = need("factor")
     if kind != "llama3":
         return theta, RopeScaling(kind=kind, factor=factor)
     return theta, RopeScaling(
         kind="llama3",
         factor=factor,
-        low_freq_factor=float(need("low_freq_factor")),
-        high_freq_factor=float(need("high_freq_factor")),
+        low_freq_factor=need("low_freq_factor"),
+        high_freq_factor=need("high_freq_factor"),
         original_max_position_embeddings=int(need("original_max_position_embeddings")),
     )
+
+
+def _number(value: Any, key: str, src: str) -> float:
+    """A config.json number (an int or a float, or a string of one, as some exporters write)."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{src}: key {key!r} is {value!r}; it must be a number.") from None
 
 
 def _labels(d: dict[str, Any], src: str) -> tuple[int, tuple[str, ...]]:

@@ -48,7 +48,13 @@ def read_header(file: Path) -> dict:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise WeightsError(f"{file}: unreadable safetensors header ({e}).") from e
+    if not isinstance(header, dict):
+        raise WeightsError(f"{file}: not a safetensors header (a JSON object of tensors).")
     header.pop("__metadata__", None)
+    for name, t in header.items():
+        if not (isinstance(t, dict) and isinstance(t.get("dtype"), str) and isinstance(t.get("shape"), list)
+                and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2):
+            raise WeightsError(f"{file}: tensor {name!r} has no dtype, shape and data_offsets; not a safetensors file?")
     return header
 
 

@@ -79,6 +79,10 @@ def test_mistral_and_bare_models(tmp_path):
         (dict(problem_type="ranking"), "problem_type"),
         (dict(id2label={"0": "a", "2": "b"}), "id2label"),
         (dict(quantization_config={"quant_method": "awq", "bits": 4}), "quant_method"),
+        (dict(num_key_value_heads=0), "num_key_value_heads"),  # was a ZeroDivisionError
+        (dict(num_hidden_layers=-1), "num_hidden_layers"),
+        (dict(rope_theta="1e4x"), "rope_theta"),  # was float()'s ValueError, naming neither
+        (dict(rope_scaling={"rope_type": "linear", "factor": "two"}), "rope_scaling.factor"),
     ],
 )
 def test_errors_name_the_key_and_file(tmp_path, changes, key):
@@ -95,6 +99,9 @@ def test_missing_or_broken_file(tmp_path):
         LlamaConfig.from_hf_dir(tmp_path)
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="config.json: the top level must be a JSON object"):
+        LlamaConfig.from_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_bytes(b'{"model_type": "llama\xff"}')  # not UTF-8
+    with pytest.raises(ConfigError, match="config.json: not readable JSON"):
         LlamaConfig.from_hf_dir(tmp_path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -63,6 +64,36 @@ def test_inspect_errors_name_the_file(tmp_path, make_dir):
     (path / "config.json").write_text(json.dumps(c))
     r = runner.invoke(app, ["inspect", str(path)])
     assert r.exit_code == 2 and "model.safetensors" in r.output
+
+
+def _header(path, obj):
+    import struct
+
+    raw = json.dumps(obj).encode()
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+
+
+BROKEN_WEIGHTS = {  # each was an AttributeError, TypeError or KeyError out of inspect and from_pretrained
+    "index-weight_map-list": lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": []}'),
+    "index-top-level-list": lambda d: (d / "model.safetensors.index.json").write_text("[]"),
+    "index-shard-not-a-string": lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": 1}}'),
+    "header-not-an-object": lambda d: _header(d, [1]),
+    "header-entry-no-offsets": lambda d: _header(d, {"a": {"dtype": "F32", "shape": [1]}}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_WEIGHTS))
+def test_malformed_weights_are_named_not_a_traceback(make_dir, tmp_path, case):
+    from scorer import Scorer
+    from scorer.model.load import WeightsError
+
+    path = shutil.copytree(make_dir(), tmp_path / case)
+    BROKEN_WEIGHTS[case](path)
+    r = runner.invoke(app, ["inspect", str(path)])
+    assert r.exit_code == 2 and r.output.startswith("error: ") and str(path) in r.output, r.output
+    if case.startswith("index"):  # from_pretrained reads headers through safetensors itself
+        with pytest.raises(WeightsError, match="model.safetensors.index.json"):
+            Scorer.from_pretrained(path, device="cpu")
 
 
 def test_help_lists_every_command():
