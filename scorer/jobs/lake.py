@@ -410,11 +410,17 @@ def get_bytes(loc: Location) -> bytes:
         return f.read()
 
 
-def remove(loc: Location) -> bool:
+def remove(loc: Location, strict: bool = False) -> bool:
+    """Delete a file: True if it was there. A file already gone is False; any other failure too, or with
+    `strict` raised (a retire must know its delete happened)."""
     try:
         loc.fs.delete_file(loc.path)
         return True
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
+        return False
+    except OSError:
+        if strict and loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound:
+            raise
         return False
 
 

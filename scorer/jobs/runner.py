@@ -346,13 +346,22 @@ def _reason(e: BaseException) -> str:
 
 
 def _finish(plan: JobPlan, stats: JobStats, run_id: str) -> None:
-    """Complete (every shard of the job in the manifest with its fingerprint, none failed): retire this
-    job's outputs of input files that are gone (or now under another output name), then `_report.json`,
-    then `_SUCCESS`. Incomplete: `_report.json` alone, saying so, with what failed."""
+    """Complete (every shard of the job in the manifest with its fingerprint, none failed, every planned
+    input still there as planned): retire this job's outputs of input files that are gone (or now under
+    another output name), then `_report.json`, then `_SUCCESS`. Incomplete (a retire's delete failing too):
+    `_report.json` alone, saying so and with what, and no `_SUCCESS`, not even an overlapping run's."""
     j = plan.job
     manifest = lake.read_manifest(j.partition)
     committed = [s for s in plan.shards if manifest.get(s.name, {}).get("fingerprint") == s.fingerprint]
     complete = not stats.failed and len(committed) == len(plan.shards)
+    # The plan's inputs as they are now: one deleted or rewritten while the run read it (an upstream
+    # compaction, say) may have been committed from what it held before, beside its new form's output.
+    # Then the partition is not complete: the next run re-plans, retires and re-scores.
+    changed: list[str] = []
+    if complete:
+        now = {s.uri: (s.size, s.mtime_ns) for s in lake.list_shards(j.input)}
+        changed = sorted(p.shard.uri for p in plan.shards if now.get(p.shard.uri) != (p.shard.size, p.shard.mtime_ns))
+        complete = not changed
     current = {s.name for s in plan.shards}
     inputs = {s.shard.uri for s in plan.shards}
     # An output not in this run's plan is retired only when this job wrote it (two jobs files may share
@@ -374,10 +383,17 @@ def _finish(plan: JobPlan, stats: JobStats, run_id: str) -> None:
         gone.sort()
         if gone:  # readers must not see _SUCCESS over a partition that is changing
             lake.remove(j.partition.child(SUCCESS))
+        left = []  # files a delete failed for (a transient S3 error): kept with their entries, for the next run
         for name in gone:  # the file first: a kill between the two leaves an entry the next run retires
-            lake.remove(j.partition.child(name))
+            try:
+                lake.remove(j.partition.child(name), strict=True)
+            except OSError as e:
+                Progress.log(f"{j.name}: could not retire {name} ({e}); the next run tries again")
+                left.append(name)
+                continue
             lake.remove(j.partition.child(lake.MANIFEST_DIR, name + ".json"))
-        stats.retired = gone
+        stats.retired = [n for n in gone if n not in left]
+        complete = complete and not left
     entries = [manifest[s.name] for s in committed]
     labels: dict[str, int] = {}
     for e in entries:
@@ -396,7 +412,13 @@ def _finish(plan: JobPlan, stats: JobStats, run_id: str) -> None:
         report["retired"] = gone  # outputs whose input shard is gone, removed by this run
     else:
         report["not_committed"] = sorted({s.shard.uri for s in plan.shards} - {s.shard.uri for s in committed})
-        report["gone_left_in_place"] = gone  # retired once a run completes
+        report["gone_left_in_place"] = [n for n in gone if n not in stats.retired]  # retired once a run completes
+        if stats.retired:  # some retired before a delete failed
+            report["retired"] = stats.retired
+        if changed:
+            report["input_changed"] = changed  # deleted or rewritten during the run: the next run redoes them
+        # an overlapping run may have written _SUCCESS meanwhile; this one's commits can make it untrue
+        lake.remove(j.partition.child(SUCCESS))
     lake.write_marker(j.partition, REPORT, json.dumps(report, indent=2, sort_keys=True).encode())
     if complete:
         lake.write_marker(j.partition, SUCCESS)

@@ -145,3 +145,70 @@ def test_an_output_without_its_manifest_entry_is_known_by_its_metadata(tmp_path,
     (tmp_path / "in" / "b.parquet").unlink()
     assert _run(f) == {"j": [b.name]}
     assert b.name not in _names(part) and "theirs-0123456789.parquet" in _names(part)
+
+
+class _FlakyDeletes:
+    """A filesystem whose delete of each output Parquet file fails the first time (an S3 503, say)."""
+
+    def __init__(self, fs):
+        self._fs, self.failed = fs, []
+
+    def delete_file(self, path):
+        if path.endswith(".parquet") and "/_manifest/" not in path and path not in self.failed:
+            self.failed.append(path)
+            raise OSError(f"When deleting key '{path}': AWS Error SLOW_DOWN (HTTP status 503)")
+        return self._fs.delete_file(path)
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+
+def test_a_retire_whose_delete_fails_keeps_its_entry_and_no_success(tmp_path, tiny_model, monkeypatch):
+    """lake.remove swallowed the error, and _finish dropped the entry, reported the file retired and wrote
+    _SUCCESS over a partition holding the compacted rows twice. Now the file and its entry stay, the run is
+    incomplete, and the next one retires it."""
+    _shard(tmp_path / "in" / "a.parquet")
+    _shard(tmp_path / "in" / "b.parquet")
+    f = write_jobs(tmp_path / "jobs.yaml", {"j": job(tiny_model, "in", "out")})
+    _run(f)
+    part = tmp_path / "out" / "dt=2026-11-23"
+    old = _names(part)
+    for p in (tmp_path / "in").iterdir():
+        p.unlink()
+    _shard(tmp_path / "in" / "compacted.parquet", 6)
+    real = lake._filesystem
+    flaky = _FlakyDeletes(real(str(part), lake.StorageOptions()))
+    with monkeypatch.context() as m:
+        m.setattr(lake, "_filesystem", lambda uri, storage: flaky)
+        assert _run(f) == {"j": []}
+    assert len(flaky.failed) == 2 and not (part / "_SUCCESS").exists()
+    report = json.loads((part / "_report.json").read_text())
+    assert report["complete"] is False and report["gone_left_in_place"] == old
+    assert set(old) < set(lake.read_manifest(lake.resolve(str(part))))  # still known, to be retired
+    assert _run(f) == {"j": old} and (part / "_SUCCESS").exists() and len(_names(part)) == 1
+
+
+def test_inputs_changed_during_the_run_leave_no_success(tmp_path, tiny_model):
+    """Run A planned {p0, p1}; upstream compacted them into one file while A's workers read them; run B (the
+    next cron tick) scored the compacted file and completed. A's commits then land beside B's output: A finds
+    its planned inputs gone, and takes down the _SUCCESS that no longer holds; the next run retires them."""
+    _shard(tmp_path / "in" / "p0.parquet")
+    _shard(tmp_path / "in" / "p1.parquet")
+    f = write_jobs(tmp_path / "jobs.yaml", {"j": job(tiny_model, "in", "out")})
+    [ja] = load_and_check(f, date="2026-11-23")
+    plan_a = plan_job(ja)
+    for p in ("p0", "p1"):
+        (tmp_path / "in" / f"{p}.parquet").unlink()
+    _shard(tmp_path / "in" / "compacted.parquet", 6)
+    _run(f)  # run B
+    part = tmp_path / "out" / "dt=2026-11-23"
+    assert (part / "_SUCCESS").exists() and len(_names(part)) == 1
+    for s in plan_a.todo:  # A's workers commit what they read
+        lake.put_bytes(ja.partition.child(s.name), b"PAR1 fake")
+        lake.write_manifest_entry(ja.partition, s.name, {"name": s.name, "input": s.shard.uri, "job": "j",
+                                                         "fingerprint": s.fingerprint, "bytes": 9, "rows": 3})
+    _finish(plan_a, JobStats("j", total=len(plan_a.shards)), "run-a")
+    report = json.loads((part / "_report.json").read_text())
+    assert not (part / "_SUCCESS").exists() and report["complete"] is False
+    assert report["input_changed"] == [str(tmp_path / "in" / "p0.parquet"), str(tmp_path / "in" / "p1.parquet")]
+    assert len(_run(f)["j"]) == 2 and (part / "_SUCCESS").exists() and len(_names(part)) == 1
