@@ -358,10 +358,15 @@ def _finish(plan: JobPlan, stats: JobStats, run_id: str) -> None:
     # compaction, say) may have been committed from what it held before, beside its new form's output.
     # Then the partition is not complete: the next run re-plans, retires and re-scores.
     changed: list[str] = []
+    unlisted = ""
     if complete:
-        now = {s.uri: (s.size, s.mtime_ns) for s in lake.list_shards(j.input)}
-        changed = sorted(p.shard.uri for p in plan.shards if now.get(p.shard.uri) != (p.shard.size, p.shard.mtime_ns))
-        complete = not changed
+        try:
+            now = {s.uri: (s.size, s.mtime_ns) for s in lake.list_shards(j.input)}
+            changed = sorted(p.shard.uri for p in plan.shards if now.get(p.shard.uri) != (p.shard.size, p.shard.mtime_ns))
+        except OSError as e:  # a transient listing error: no _SUCCESS on trust
+            unlisted = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            Progress.log(f"{j.name}: could not list {j.input.uri} again ({unlisted}); the partition is left incomplete")
+        complete = not changed and not unlisted
     current = {s.name for s in plan.shards}
     inputs = {s.shard.uri for s in plan.shards}
     # An output not in this run's plan is retired only when this job wrote it (two jobs files may share
@@ -417,6 +422,8 @@ def _finish(plan: JobPlan, stats: JobStats, run_id: str) -> None:
             report["retired"] = stats.retired
         if changed:
             report["input_changed"] = changed  # deleted or rewritten during the run: the next run redoes them
+        if unlisted:
+            report["input_unlisted"] = unlisted  # the re-check could not list the input
         # an overlapping run may have written _SUCCESS meanwhile; this one's commits can make it untrue
         lake.remove(j.partition.child(SUCCESS))
     lake.write_marker(j.partition, REPORT, json.dumps(report, indent=2, sort_keys=True).encode())

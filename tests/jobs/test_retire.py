@@ -212,3 +212,25 @@ def test_inputs_changed_during_the_run_leave_no_success(tmp_path, tiny_model):
     assert not (part / "_SUCCESS").exists() and report["complete"] is False
     assert report["input_changed"] == [str(tmp_path / "in" / "p0.parquet"), str(tmp_path / "in" / "p1.parquet")]
     assert len(_run(f)["j"]) == 2 and (part / "_SUCCESS").exists() and len(_names(part)) == 1
+
+
+def test_an_input_that_cannot_be_listed_again_leaves_no_success(tmp_path, tiny_model, monkeypatch):
+    """_finish's re-check of the planned inputs: a listing that fails (S3 throttling, say) is no reason to
+    trust the plan; the run is incomplete and says why, and nothing is retired."""
+    _shard(tmp_path / "in" / "a.parquet")
+    f = write_jobs(tmp_path / "jobs.yaml", {"j": job(tiny_model, "in", "out")})
+    [j] = load_and_check(f, date="2026-11-23")
+
+    def throttled(loc):
+        raise OSError("AWS Error SLOW_DOWN during ListObjectsV2 operation")
+
+    monkeypatch.setattr(lake, "list_shards", throttled)
+    plan = plan_job(j)
+    for s in plan.todo:
+        lake.put_bytes(j.partition.child(s.name), b"PAR1 fake")
+        lake.write_manifest_entry(j.partition, s.name, {"name": s.name, "input": s.shard.uri, "job": "j",
+                                                        "fingerprint": s.fingerprint, "bytes": 9, "rows": 3})
+    _finish(plan, JobStats("j", total=len(plan.shards)), "run")
+    part = tmp_path / "out" / "dt=2026-11-23"
+    report = json.loads((part / "_report.json").read_text())
+    assert report["complete"] is False and "SLOW_DOWN" in report["input_unlisted"] and not (part / "_SUCCESS").exists()
