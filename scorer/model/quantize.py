@@ -153,7 +153,6 @@ def quantize_model(
 
         agreement = _agreement(model, cfg, src, held, dev, activate)
 
-    out_dtype = _write_checkpoint(model_dir, out_dir, cfg, tensors, spec, method)
     warnings = []
     k_max = max(cfg.hidden_size, cfg.intermediate_size)
     if method == "gptq" and fit.tokens < 2 * k_max:
@@ -166,7 +165,7 @@ def quantize_model(
         "method": method,
         "quantization": {"bits": spec.bits, "group_size": spec.group_size, "desc_act": _desc_act(spec, method),
                          "sym": spec.sym, "static_groups": spec.static_groups, "damp": spec.damp,
-                         "checkpoint_format": "gptq", "dtype": out_dtype},
+                         "checkpoint_format": "gptq", "dtype": None},  # set by _write_checkpoint
         "calibration": {"source": calib_source, "texts": len(texts) if method == "gptq" else 0,
                         "tokens": fit.tokens, "heldout_texts": len(heldout), "heldout_tokens": held.tokens,
                         "max_length": max_length},
@@ -176,9 +175,12 @@ def quantize_model(
         "warnings": warnings,
         "device": str(dev),
         "peak_memory_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-        "wall_s": round(time.time() - t0, 3),
+        "wall_s": round(time.time() - t0, 3),  # before the checkpoint is written
     }
-    (out_dir / "quantization_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        _write_checkpoint(model_dir, out_dir, cfg, tensors, spec, method, report)
+    except OSError as e:  # a full disk, a directory that went away: the stage is gone, OUT_DIR untouched
+        raise QuantizeError(f"OUT_DIR {out_dir}: the checkpoint could not be written ({e}).") from e
     return report
 
 
@@ -365,8 +367,9 @@ def quantization_config(spec: QuantSpec, method: str) -> dict[str, Any]:
 
 
 def _write_checkpoint(model_dir: Path, out_dir: Path, cfg, tensors: dict[str, torch.Tensor],
-                      spec: QuantSpec, method: str) -> str:
-    """Stage the checkpoint next to out_dir and rename it into place; returns the unquantized dtype."""
+                      spec: QuantSpec, method: str, report: dict[str, Any]) -> str:
+    """Stage the checkpoint and its report (its dtype set here) next to out_dir and rename it into place,
+    so OUT_DIR appears complete or not at all; returns the unquantized dtype."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -408,6 +411,8 @@ def _write_checkpoint(model_dir: Path, out_dir: Path, cfg, tensors: dict[str, to
             for p in model_dir.glob(pattern):
                 if p.is_file():
                     shutil.copy2(p, stage / p.name)
+        report["quantization"]["dtype"] = out_dtype
+        (stage / "quantization_report.json").write_text(json.dumps(report, indent=2) + "\n")
         if out_dir.exists():
             out_dir.rmdir()  # checked empty before any work
         os.replace(stage, out_dir)
@@ -527,7 +532,8 @@ def quantize_cli(
         if len(texts) < 2:
             raise QuantizeError(f"--calib {source}: only {len(texts)} usable text; need at least 2 "
                                 "(calibration and held-out rows).")
-        n_held = min(_n_heldout(samples), max(1, len(texts) // 5))
+        want = _n_heldout(samples)  # held out of what was read; fewer rows than asked: a fifth, at least 1
+        n_held = want if len(texts) >= samples + want else min(want, max(1, len(texts) // 5))
         report = quantize_model(model_dir, out_dir, texts[n_held:], texts[:n_held], spec=spec, method=method,
                                 max_length=max_length, device=device, calib_source=source)
     except QuantizeError as e:
@@ -549,6 +555,11 @@ def _validate(model_dir: Path, out_dir: Path, *, bits, group_size, act_order, sy
         raise QuantizeError(f"OUT_DIR {out_dir} is MODEL_DIR; write the checkpoint to a new directory.")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise QuantizeError(f"OUT_DIR {out_dir} exists and is not empty; remove it or pick another path.")
+    up = out_dir.parent
+    while not up.exists() and up != up.parent:
+        up = up.parent
+    if not up.is_dir() or not os.access(up, os.W_OK):  # found now, not after the whole model is quantized
+        raise QuantizeError(f"OUT_DIR {out_dir}: {up} is not a writable directory; pick a path under one.")
     if bits != 4:
         raise QuantizeError(f"--bits {bits}: scorer writes and runs 4-bit GPTQ only; use --bits 4.")
     if group_size not in (32, 64, 128, -1):

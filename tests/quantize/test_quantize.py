@@ -289,6 +289,47 @@ def test_cli_refuses_nonempty_out_dir_and_quantized_source(tmp_path, model_dir, 
     assert res.exit_code == 2 and f"{side / 'quantize_config.json'}: says the model is already 4-bit" in res.output
 
 
+def test_an_out_dir_that_cannot_be_created_is_refused_before_any_work(tmp_path, model_dir, calib_dir, monkeypatch):
+    """OUT_DIR under a regular file passed validation; the whole run happened, then the stage's mkdir died
+    with a bare NotADirectoryError (exit 1)."""
+    (tmp_path / "afile").write_text("x")
+    ran = []
+    monkeypatch.setattr(qmod, "quantize_model", lambda *a, **k: ran.append(1))
+    res = cli(model_dir, tmp_path / "afile" / "q", "--calib", calib_dir, "--samples", "8", "--max-length", "16",
+              "--device", "cpu", "--method", "rtn")
+    assert res.exit_code == 2 and not ran, (res.exit_code, res.output)
+    assert f"{tmp_path / 'afile'} is not a writable directory" in res.output and res.output.strip().count("\n") == 0
+
+
+def test_small_samples_calibrate_on_exactly_samples_texts(tmp_path, model_dir, calib_dir):
+    """--samples 4 read 4 + 2 texts, then held out 6 // 5 = 1 and calibrated on 5."""
+    res = cli(model_dir, tmp_path / "out", "--calib", calib_dir, "--samples", "4", "--max-length", "16",
+              "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "quantization_report.json").read_text())
+    assert report["calibration"]["texts"] == 4 and report["calibration"]["heldout_texts"] == 2
+
+
+def test_a_failure_before_the_report_leaves_no_out_dir(tmp_path, model_dir, texts, monkeypatch):
+    """The report was built and written after the checkpoint was renamed into OUT_DIR: a failure or kill
+    between the two left a loadable checkpoint without its report, from a command that failed, and a rerun
+    refused the directory. The report is now staged with the checkpoint."""
+    def boom(rows):
+        raise RuntimeError("injected failure while building the report")
+
+    monkeypatch.setattr(qmod, "_summary", boom)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="injected"):
+        qmod.quantize_model(model_dir, out, texts[:16], texts[16:24], spec=QuantSpec(group_size=32),
+                            method="rtn", max_length=16, device="cpu", progress=False, calib_source="t")
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+    monkeypatch.undo()
+    report = qmod.quantize_model(model_dir, out, texts[:16], texts[16:24], spec=QuantSpec(group_size=32),
+                                 method="rtn", max_length=16, device="cpu", progress=False, calib_source="t")
+    assert json.loads((out / "quantization_report.json").read_text()) == report
+    assert report["quantization"]["dtype"] in ("float16", "bfloat16")
+
+
 def test_cli_without_tokenizer_and_into_the_current_directory(tmp_path, model_dir, calib_dir, monkeypatch):
     notok = shutil.copytree(model_dir, tmp_path / "notok")
     (notok / "tokenizer.json").unlink()
