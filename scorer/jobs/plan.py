@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from scorer.jobs import lake
-from scorer.jobs.spec import LoadedJob, SpecError
+from scorer.jobs.spec import LoadedJob, SpecError, read_output
 
 __all__ = ["ShardPlan", "JobPlan", "plan_job", "cluster_gpus", "model_key", "estimate"]
 
@@ -187,8 +187,7 @@ def plan_job(j: LoadedJob, *, force: bool = False, gpu: bool | None = None) -> J
     if gpu is None:
         gpu = rt.on_gpu(cluster_gpus() if rt.device == "auto" and rt.dtype is None else 0)
     settings = j.job.score_settings(gpu)
-    manifest = lake.read_manifest(j.partition)
-    present = lake.list_files(j.partition)
+    manifest, present = read_output(j)
     plans = []
     for s in shards:
         name = s.output_name

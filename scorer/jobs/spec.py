@@ -526,8 +526,11 @@ def check_model(j: LoadedJob) -> None:
     where, fld = j.where["model"], f"jobs.{j.name}.model"
     try:
         local = lake.fetch_model_dir(j.model, weights=False)
-    except (OSError, FileNotFoundError) as e:
+    except FileNotFoundError as e:
         raise SpecError(f"cannot read {j.model.uri}: {e}", where=where, field=fld, fix="point at a model directory") from None
+    except OSError as e:  # credentials, endpoint, network: not the path's fault
+        raise SpecError(f"cannot read {j.model.uri}: {e}", where=where, field=fld,
+                        fix="check the path, the storage endpoint and the credentials in the environment") from None
     if not (local / "config.json").is_file():
         raise SpecError(f"{j.model.uri} has no config.json", where=where, field=fld,
                         fix="point at a Hugging Face model directory (config.json, tokenizer.json, *.safetensors)")
@@ -631,9 +634,28 @@ def check_outputs(loaded: list[LoadedJob]) -> None:
         if lake.overlaps(j.partition, j.input) or lake.overlaps(lake.resolve(j.job.output.uri, j.storage, base=j.base), j.input):
             raise SpecError(f"output {j.partition.uri} overlaps input {j.input.uri}", where=j.where["output"],
                             field=f"jobs.{j.name}.output", fix="write the output to a folder outside the input")
+        try:  # the plan lists it: credentials and endpoints are checked before anything runs
+            lake.list_files(j.partition)
+        except OSError as e:
+            raise _unlistable_output(j, e) from None
     for a_i, a in enumerate(loaded):
         for b in loaded[a_i + 1:]:
             _refuse_shared_output(a, b, b)
+
+
+def read_output(j: LoadedJob) -> tuple[dict[str, dict], dict[str, int]]:
+    """(manifest, files) of the job's output partition; SpecError at jobs.<job>.output when it cannot be
+    listed (wrong credentials, an endpoint that refuses, a bucket the account cannot read)."""
+    try:
+        return lake.read_manifest(j.partition), lake.list_files(j.partition)
+    except OSError as e:
+        raise _unlistable_output(j, e) from None
+
+
+def _unlistable_output(j: LoadedJob, e: OSError) -> SpecError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return SpecError(f"cannot list {j.partition.uri}: {first}", where=j.where["output"], field=f"jobs.{j.name}.output",
+                     fix="check the output path, the storage endpoint and the credentials in the environment")
 
 
 def _refuse_shared_output(a: LoadedJob, b: LoadedJob, at: LoadedJob) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -299,6 +301,39 @@ def test_s3_storage_options_and_credentials_never_printed(s3, tiny_model, tmp_pa
     printed = out + "".join(capfd.readouterr())
     for secret in (*keys, "wrong-secret-0xdeadbeef"):
         assert secret not in printed
+
+
+def _validate_in_a_new_process(f: Path, secret: str, cache: Path) -> tuple[int, str]:
+    """`scorer validate` with another secret key in the environment (a process of its own: pyarrow's S3
+    filesystems of this one hold the right credentials)."""
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": secret, "SCORER_CACHE": str(cache), "RAY_USAGE_STATS_ENABLED": "0"}
+    r = subprocess.run([sys.executable, "-m", "scorer.cli", "validate", str(f), "--date", "2026-11-23"],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=str(REPO))
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_s3_output_and_model_that_the_credentials_cannot_read(s3, tiny_model, tmp_path):
+    """An S3 output the credentials cannot list passed validate, and `scorer run` died in the plan with a
+    traceback; an S3 model they cannot read was told to 'point at a model directory'."""
+    write_shards(tmp_path / "in", [3])
+    storage = {"endpoint": s3, "region": "us-east-1"}
+    f = write_jobs(tmp_path / "out.yaml", {"a": job(tiny_model, str(tmp_path / "in"), "s3://scored/creds", storage=storage)})
+    code, out = _validate_in_a_new_process(f, "wrong-secret-0xdeadbeef", tmp_path / "cache")
+    msg = one_error(out)
+    assert code == 2 and "jobs.a.output: cannot list s3://scored/creds/dt=2026-11-23" in msg, msg
+    assert "fix: check the output path, the storage endpoint and the credentials" in msg and "deadbeef" not in msg
+    from scorer.jobs import lake
+
+    model = lake.resolve("s3://lake/models/creds", lake.StorageOptions(endpoint=s3, region="us-east-1"))
+    for p in tiny_model.iterdir():
+        with model.fs.open_output_stream(model.child(p.name).path) as dst:
+            dst.write(p.read_bytes())
+    f = write_jobs(tmp_path / "model.yaml", {"a": job(model.uri, str(tmp_path / "in"), str(tmp_path / "out"), storage=storage)})
+    code, out = _validate_in_a_new_process(f, "wrong-secret-0xdeadbeef", tmp_path / "cache")
+    msg = one_error(out)
+    assert code == 2 and "jobs.a.model: cannot read s3://lake/models/creds" in msg, msg
+    assert "fix: check the path, the storage endpoint and the credentials" in msg and "deadbeef" not in msg
 
 
 def test_worker_config_carries_the_output_types_and_cuda_graphs(lake, tiny_model):
