@@ -517,9 +517,13 @@ def fetch_model_dir(loc: Location, *, weights: bool = True, cache: Path | None =
         if not weights and name.endswith(WEIGHT_SUFFIXES):
             continue
         tmp = root / f".{name}.{os.getpid()}"
-        with loc.fs.open_input_stream(loc.child(name).path) as src, open(tmp, "wb") as dst:
-            while chunk := src.read(16 << 20):
-                dst.write(chunk)
+        try:
+            with loc.fs.open_input_stream(loc.child(name).path) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(16 << 20):
+                    dst.write(chunk)
+        except BaseException:  # an interrupted download leaves no partial weights in the cache
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, root / name)
     done.touch()
     return root

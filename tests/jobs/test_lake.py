@@ -189,3 +189,45 @@ def test_iter_batches_memory_stays_near_a_row_group(tmp_path):
         peak = max(peak, pa.total_allocated_bytes() - base)
         rows += chunk.num_rows
     assert rows == n and peak < 0.5 * full, (peak, full)  # ~1/3 measured (a few row groups); a whole read is > 1
+
+
+def test_an_interrupted_model_download_leaves_no_partial_file(s3, tmp_path, monkeypatch):
+    """A download cut mid-file left `.<name>.<pid>` in the cache for good (the next process writes under its
+    own pid); the retry then completes."""
+    import builtins
+
+    opts = lake.StorageOptions(endpoint=s3, region="us-east-1")
+    loc = lake.resolve("s3://lake/models/partial", opts)
+    for name, data in (("config.json", b'{"a": 1}'), ("model.safetensors", b"W" * (20 << 20))):
+        with loc.fs.open_output_stream(loc.child(name).path) as out:
+            out.write(data)
+    real_open = builtins.open
+
+    class Cut:  # the copy of the weights breaks after its first 16 MiB chunk
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes > 1:
+                raise OSError("connection reset by peer")
+            return self.f.write(data)
+
+    def cut(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return Cut(f) if "w" in mode and ".model.safetensors." in str(path) else f
+
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", cut)
+        with pytest.raises(OSError, match="connection reset"):
+            lake.fetch_model_dir(loc, cache=tmp_path)
+    [root] = (tmp_path / "models").iterdir()
+    assert sorted(p.name for p in root.iterdir()) == ["config.json"]  # no partial weights, no .complete
+    d = lake.fetch_model_dir(loc, cache=tmp_path)
+    assert (d / "model.safetensors").stat().st_size == 20 << 20
