@@ -30,14 +30,35 @@ def _run(f: Path, date: str = "2026-11-23", jobs: tuple[str, ...] = (), drop: st
         if drop:
             j.shards = [s for s in j.shards if not s.uri.endswith(drop)]
         plan = plan_job(j)
-        for s in plan.todo:
-            lake.put_bytes(j.partition.child(s.name), b"PAR1 fake")
-            lake.write_manifest_entry(j.partition, s.name, {"name": s.name, "input": s.shard.uri, "job": j.name,
-                                                            "fingerprint": s.fingerprint, "bytes": 9, "rows": 3})
+        _commit(plan)
         stats = JobStats(j.name, total=len(plan.shards))
         _finish(plan, stats, "run")
         retired[j.name] = stats.retired
     return retired
+
+
+def _commit(plan) -> None:
+    """Commit the plan's shards to do as a worker does: the file, then its manifest entry."""
+    j = plan.job
+    for s in plan.todo:
+        lake.put_bytes(j.partition.child(s.name), b"PAR1 fake")
+        lake.write_manifest_entry(j.partition, s.name, {"name": s.name, "input": s.shard.uri, "job": j.name,
+                                                        "fingerprint": s.fingerprint, "bytes": 9, "rows": 3})
+
+
+def _compacted(tmp_path: Path, model) -> tuple[Path, Path, list[str]]:
+    """Job j scored a.parquet and b.parquet; upstream then compacted them into compacted.parquet.
+    (jobs file, output partition, the old outputs' names)."""
+    _shard(tmp_path / "in" / "a.parquet")
+    _shard(tmp_path / "in" / "b.parquet")
+    f = write_jobs(tmp_path / "jobs.yaml", {"j": job(model, "in", "out")})
+    _run(f)
+    part = tmp_path / "out" / "dt=2026-11-23"
+    old = _names(part)
+    for p in (tmp_path / "in").iterdir():
+        p.unlink()
+    _shard(tmp_path / "in" / "compacted.parquet", 6)
+    return f, part, old
 
 
 def _names(part: Path) -> list[str]:
@@ -45,15 +66,7 @@ def _names(part: Path) -> list[str]:
 
 
 def test_compacted_input_retires_the_old_outputs(tmp_path, tiny_model):
-    _shard(tmp_path / "in" / "a.parquet")
-    _shard(tmp_path / "in" / "b.parquet")
-    f = write_jobs(tmp_path / "jobs.yaml", {"j": job(tiny_model, "in", "out")})
-    _run(f)
-    part = tmp_path / "out" / "dt=2026-11-23"
-    old = _names(part)
-    for p in (tmp_path / "in").iterdir():
-        p.unlink()
-    _shard(tmp_path / "in" / "compacted.parquet", 6)
+    f, part, old = _compacted(tmp_path, tiny_model)
     assert _run(f) == {"j": old}
     assert len(_names(part)) == 1 and sorted(lake.read_manifest(lake.resolve(str(part)))) == _names(part)
     assert json.loads((part / "_report.json").read_text())["retired"] == old and (part / "_SUCCESS").exists()
@@ -167,15 +180,7 @@ def test_a_retire_whose_delete_fails_keeps_its_entry_and_no_success(tmp_path, ti
     """lake.remove swallowed the error, and _finish dropped the entry, reported the file retired and wrote
     _SUCCESS over a partition holding the compacted rows twice. Now the file and its entry stay, the run is
     incomplete, and the next one retires it."""
-    _shard(tmp_path / "in" / "a.parquet")
-    _shard(tmp_path / "in" / "b.parquet")
-    f = write_jobs(tmp_path / "jobs.yaml", {"j": job(tiny_model, "in", "out")})
-    _run(f)
-    part = tmp_path / "out" / "dt=2026-11-23"
-    old = _names(part)
-    for p in (tmp_path / "in").iterdir():
-        p.unlink()
-    _shard(tmp_path / "in" / "compacted.parquet", 6)
+    f, part, old = _compacted(tmp_path, tiny_model)
     real = lake._filesystem
     flaky = _FlakyDeletes(real(str(part), lake.StorageOptions()))
     with monkeypatch.context() as m:
@@ -203,10 +208,7 @@ def test_inputs_changed_during_the_run_leave_no_success(tmp_path, tiny_model):
     _run(f)  # run B
     part = tmp_path / "out" / "dt=2026-11-23"
     assert (part / "_SUCCESS").exists() and len(_names(part)) == 1
-    for s in plan_a.todo:  # A's workers commit what they read
-        lake.put_bytes(ja.partition.child(s.name), b"PAR1 fake")
-        lake.write_manifest_entry(ja.partition, s.name, {"name": s.name, "input": s.shard.uri, "job": "j",
-                                                         "fingerprint": s.fingerprint, "bytes": 9, "rows": 3})
+    _commit(plan_a)  # A's workers commit what they read
     _finish(plan_a, JobStats("j", total=len(plan_a.shards)), "run-a")
     report = json.loads((part / "_report.json").read_text())
     assert not (part / "_SUCCESS").exists() and report["complete"] is False
@@ -226,10 +228,7 @@ def test_an_input_that_cannot_be_listed_again_leaves_no_success(tmp_path, tiny_m
 
     monkeypatch.setattr(lake, "list_shards", throttled)
     plan = plan_job(j)
-    for s in plan.todo:
-        lake.put_bytes(j.partition.child(s.name), b"PAR1 fake")
-        lake.write_manifest_entry(j.partition, s.name, {"name": s.name, "input": s.shard.uri, "job": "j",
-                                                        "fingerprint": s.fingerprint, "bytes": 9, "rows": 3})
+    _commit(plan)
     _finish(plan, JobStats("j", total=len(plan.shards)), "run")
     part = tmp_path / "out" / "dt=2026-11-23"
     report = json.loads((part / "_report.json").read_text())
