@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from scorer.jobs.lake import error_line
+
 __all__ = ["FilterError", "compile_filter", "TextSpec", "parse_text"]
 
 
@@ -60,8 +62,7 @@ def compile_filter(src: str) -> tuple[pc.Expression, list[str]]:
         raise
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError, OverflowError,
             RecursionError) as e:  # pyarrow refusing the expression it was asked to build
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FilterError(f"filter {src!r} does not compile: {first}") from None
+        raise FilterError(f"filter {src!r} does not compile: {error_line(e)}") from None
     if not isinstance(expr, pc.Expression):
         raise FilterError(f"filter {src!r} is a constant, not a condition on columns")
     return expr, cols

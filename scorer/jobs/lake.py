@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 __all__ = [
     "StorageOptions", "Location", "Shard", "resolve", "list_shards", "read_schema", "iter_batches",
     "StagedParquet", "read_manifest", "write_manifest_entry", "write_marker", "remove", "clean_stale", "shard_gone",
-    "list_files", "overlaps", "fetch_model_dir", "MANIFEST_DIR", "TMP_DIR",
+    "list_files", "overlaps", "error_line", "fetch_model_dir", "MANIFEST_DIR", "TMP_DIR",
 ]
 
 MANIFEST_DIR = "_manifest"
@@ -408,6 +408,12 @@ def put_bytes(dest: Location, data: bytes) -> None:
 def get_bytes(loc: Location) -> bytes:
     with loc.fs.open_input_stream(loc.path) as f:
         return f.read()
+
+
+def error_line(e: BaseException) -> str:
+    """The first line of an error's message (pyarrow's run to several), or its type's name if it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def remove(loc: Location, strict: bool = False) -> bool:

@@ -218,7 +218,7 @@ def estimate(plan: JobPlan, sample_rows: int = 256) -> dict[str, Any]:
         try:
             return lake.read_metadata(p.shard, j.input).num_rows
         except Exception as e:  # noqa: BLE001 - any unreadable footer: shown in the plan, as a run would fail it
-            p.unreadable = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            p.unreadable = lake.error_line(e)[:200]
             return 0
 
     with ThreadPoolExecutor(8) as pool:

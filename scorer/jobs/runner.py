@@ -364,7 +364,7 @@ def _finish(plan: JobPlan, stats: JobStats, run_id: str) -> None:
             now = {s.uri: (s.size, s.mtime_ns) for s in lake.list_shards(j.input)}
             changed = sorted(p.shard.uri for p in plan.shards if now.get(p.shard.uri) != (p.shard.size, p.shard.mtime_ns))
         except OSError as e:  # a transient listing error: no _SUCCESS on trust
-            unlisted = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            unlisted = lake.error_line(e)
             Progress.log(f"{j.name}: could not list {j.input.uri} again ({unlisted}); the partition is left incomplete")
         complete = not changed and not unlisted
     current = {s.name for s in plan.shards}

@@ -653,8 +653,7 @@ def read_output(j: LoadedJob) -> tuple[dict[str, dict], dict[str, int]]:
 
 
 def _unlistable_output(j: LoadedJob, e: OSError) -> SpecError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return SpecError(f"cannot list {j.partition.uri}: {first}", where=j.where["output"], field=f"jobs.{j.name}.output",
+    return SpecError(f"cannot list {j.partition.uri}: {lake.error_line(e)}", where=j.where["output"], field=f"jobs.{j.name}.output",
                      fix="check the output path, the storage endpoint and the credentials in the environment")
 
 

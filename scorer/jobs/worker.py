@@ -282,7 +282,7 @@ class ShardWorker:
                 raise pa.ArrowInvalid("some values would change (cast back, they differ from the input's)")
             return out
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = lake.error_line(e)
             where = self.cfg.keep_types_from or "the job's first input file"
             raise pa.ArrowInvalid(
                 f"column {name!r} is {col.type} in this file but {want} in {where}, which sets the job's output "
